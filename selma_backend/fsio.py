@@ -109,3 +109,19 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             raise SelmaError(f"{path}, line {i}: not valid JSON ({e.msg}); fix or remove that line") from e
     del tail  # an unterminated last line is a torn write: dropped, to be re-made on resume
     return rows
+
+
+def folder_fingerprint(path: str | os.PathLike[str] | None, suffixes: tuple[str, ...] = ()) -> str:
+    """A cheap fingerprint of a folder's files (names, sizes, mtimes), for cache keys.
+
+    ComfyUI re-uses a node's output while its inputs are unchanged; a node that reads a folder
+    returns this from ``fingerprint_inputs`` so an edited file re-runs it.
+    """
+    if path is None or not Path(path).is_dir():
+        return "none"
+    parts = []
+    for p in sorted(Path(path).rglob("*")):
+        if p.is_file() and (not suffixes or p.suffix.lower() in suffixes):
+            st = p.stat()
+            parts.append(f"{p.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts) or "empty"

@@ -1,0 +1,101 @@
+"""The one module that touches ComfyUI.
+
+ComfyUI's internals change between releases, so the pack reaches it only through: the versioned
+``comfy_api`` (node schema, extension), ``folder_paths`` (model and output folders),
+``comfy.utils.ProgressBar``, ``comfy.model_management`` (interrupt, unload) and the server's route
+table. Everything else in ``nodes/`` imports from here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+try:  # pin the API version we were written against; fall back to the newest
+    from comfy_api.v0_0_2 import ComfyExtension, io, ui  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - depends on the ComfyUI release
+    from comfy_api.latest import ComfyExtension, io, ui
+
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+
+__all__ = ["ComfyExtension", "io", "ui", "CATEGORY", "progress_callback", "interrupted", "output_dir", "user_dir",
+           "models_dir", "register_folders", "free_memory", "add_routes", "send_event"]
+
+log = logging.getLogger("selma")
+
+#: Menu category of every SELMA node.
+CATEGORY = "SELMA"
+
+#: Model folders SELMA reads besides ComfyUI's own (name → sub-folder of models/).
+EXTRA_FOLDERS = {"LLM": "LLM"}
+
+
+def models_dir() -> Path:
+    return Path(folder_paths.models_dir)
+
+
+def output_dir() -> Path:
+    return Path(folder_paths.get_output_directory())
+
+
+def user_dir() -> Path:
+    return Path(folder_paths.get_user_directory())
+
+
+def register_folders() -> None:
+    """Make ``models/LLM`` a model folder ComfyUI knows, unless another pack already did."""
+    for name, sub in EXTRA_FOLDERS.items():
+        if name not in folder_paths.folder_names_and_paths:
+            path = os.path.join(folder_paths.models_dir, sub)
+            folder_paths.folder_names_and_paths[name] = ([path], set())
+
+
+def progress_callback(total: int) -> Callable[[int, int], None]:
+    """A backend progress callback ``(done, total)`` that drives the node's progress bar and makes
+    ComfyUI's Cancel button work (it raises ComfyUI's interruption exception)."""
+    bar = comfy.utils.ProgressBar(total)
+
+    def update(done: int, new_total: int) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        bar.update_absolute(done, new_total)
+
+    return update
+
+
+def interrupted() -> bool:
+    """True once the user pressed Cancel; backends poll this to stop cleanly between steps."""
+    return bool(mm.processing_interrupted())
+
+
+def free_memory() -> None:
+    """Unload ComfyUI's models and return cached GPU memory before a heavy SELMA stage."""
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+
+
+def add_routes(register: Callable[[object], None]) -> bool:
+    """Call ``register(routes)`` with the server's aiohttp route table; False outside a server."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return False
+    instance = getattr(PromptServer, "instance", None)
+    if instance is None:
+        return False
+    register(instance.routes)
+    return True
+
+
+def send_event(event: str, data: dict) -> None:
+    """Send ``selma.<event>`` to the frontend over ComfyUI's websocket (no-op outside a server)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    instance = getattr(PromptServer, "instance", None)
+    if instance is not None:
+        instance.send_sync(f"selma.{event}", data)

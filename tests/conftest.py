@@ -1,0 +1,53 @@
+"""Shared fixtures: the provisioned ComfyUI, a live server with this pack, tiny models, a browser.
+
+scripts/dev.sh provisions everything and exports SELMA_COMFYUI_DIR (and SELMA_CHROMIUM,
+SELMA_FRONTEND_NEW_ROOT). Running pytest without it fails with a message naming that script.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from harness.comfy import ComfyServer, make_base_dir
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CACHE = Path(os.environ.get("SELMA_CACHE_DIR", Path.home() / ".cache" / "comfyui-selma"))
+
+
+def _comfyui_dir() -> Path:
+    d = Path(os.environ.get("SELMA_COMFYUI_DIR", DEFAULT_CACHE / "comfyui-0.3.75"))
+    if not (d / "main.py").is_file():
+        pytest.fail(f"no ComfyUI at {d}: run the tests with `scripts/dev.sh test` (it provisions ComfyUI)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def comfyui_dir() -> Path:
+    return _comfyui_dir()
+
+
+@pytest.fixture(scope="session")
+def comfy_base(tmp_path_factory) -> Path:
+    return make_base_dir(tmp_path_factory.mktemp("comfy-base"))
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfyui_dir, comfy_base):
+    server = ComfyServer(comfyui_dir, comfy_base).start()
+    yield server
+    server.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """When a test that used a live ComfyUI fails, attach the server's log tail to the report."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        for name in ("comfy_server", "comfy_server_new_frontend"):
+            server = item.funcargs.get(name) if hasattr(item, "funcargs") else None
+            if isinstance(server, ComfyServer):
+                report.sections.append((f"ComfyUI log ({name})", server.log_tail()))

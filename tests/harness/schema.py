@@ -1,0 +1,61 @@
+"""Node schemas as saved workflows see them: ordered inputs, widget slots, outputs."""
+
+from __future__ import annotations
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+SEED_NAMES = {"seed", "noise_seed"}  # the frontend adds a control_after_generate slot to these
+
+
+def describe(entry: dict) -> dict:
+    """Reduce one /object_info entry to what saved workflows depend on."""
+    inputs = []
+    for section in ("required", "optional"):
+        spec = entry["input"].get(section, {})
+        for name in entry.get("input_order", {}).get(section, list(spec)):
+            type_, opts = spec[name][0], (spec[name][1] if len(spec[name]) > 1 else {})
+            kind = "COMBO" if isinstance(type_, list) else type_
+            item = {"name": name, "section": section, "type": kind, "default": opts.get("default")}
+            if kind == "COMBO" and isinstance(type_, list):
+                item["default"] = opts.get("default", type_[0] if type_ else None)
+            if opts.get("forceInput"):
+                item["force_input"] = True
+            if kind == "INT" and (opts.get("control_after_generate") or name in SEED_NAMES):
+                item["control_after_generate"] = True
+            inputs.append(item)
+    outputs = [{"name": n, "type": t, "is_list": bool(lst)}
+               for n, t, lst in zip(entry["output_name"], entry["output"], entry["output_is_list"], strict=True)]
+    return {"inputs": inputs, "outputs": outputs, "output_node": bool(entry.get("output_node"))}
+
+
+def widget_slots(desc: dict) -> int:
+    """How many ``widgets_values`` a UI-format node of this type carries."""
+    n = 0
+    for item in desc["inputs"]:
+        if item["type"] in WIDGET_TYPES and not item.get("force_input"):
+            n += 1 + int(bool(item.get("control_after_generate")))
+    return n
+
+
+def non_append_changes(old: dict[str, dict], new: dict[str, dict]) -> list[str]:
+    """Every difference between two snapshots that is not an append.
+
+    Allowed: new nodes, new inputs after the existing ones, new outputs after the existing ones.
+    Anything else (a node removed, an input renamed, moved, retyped, given another default, an
+    output changed) breaks workflows people saved, which store widget values by position.
+    """
+    problems = []
+    for node_id, before in old.items():
+        if node_id not in new:
+            problems.append(f"{node_id}: node removed (node ids are permanent)")
+            continue
+        after = new[node_id]
+        for key in ("inputs", "outputs"):
+            a, b = before[key], after[key]
+            if len(b) < len(a):
+                problems.append(f"{node_id}: {key} removed ({len(a)} → {len(b)})")
+            for i, (x, y) in enumerate(zip(a, b, strict=False)):
+                if x != y:
+                    problems.append(f"{node_id}: {key}[{i}] changed from {x} to {y}")
+        if before["output_node"] != after["output_node"]:
+            problems.append(f"{node_id}: output_node changed")
+    return problems
