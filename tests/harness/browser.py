@@ -38,10 +38,10 @@ def browser_page(width: int = 1400, height: int = 900, locale: str = "en-US"):
             browser.close()
 
 
-def open_comfyui(page, server, timeout_ms: int = 120_000) -> None:
+def open_comfyui(page, server, timeout_ms: int = 120_000, locale: str = "en") -> None:
     """Open the real frontend and wait until the app has registered the server's node types."""
     # Skip first-run dialogs (tutorial/templates) so screenshots show the graph.
-    for key, value in {"Comfy.TutorialCompleted": True, "Comfy.Locale": "en"}.items():
+    for key, value in {"Comfy.TutorialCompleted": True, "Comfy.Locale": locale}.items():
         try:
             server.post_json(f"/settings/{key}", value)
         except Exception:  # noqa: BLE001 - older servers: the dialog is merely cosmetic
