@@ -30,8 +30,24 @@ def comfyui_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def comfy_base(tmp_path_factory) -> Path:
-    return make_base_dir(tmp_path_factory.mktemp("comfy-base"))
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """The five tiny models of ``selma tiny-models`` (seed 0), written once per test session."""
+    from selma_backend.tiny_models import write_tiny_models
+
+    return write_tiny_models(tmp_path_factory.mktemp("tiny-models"), seed=0)
+
+
+#: Where the live server finds the tiny models: the names bundled workflows use.
+TINY_INSTALL = {"mini-sd15": "checkpoints/selma-mini-sd15.safetensors", "sd1": "diffusers/selma-tiny-sd1",
+                "sdxl": "diffusers/selma-tiny-sdxl", "clip": "clip/selma-tiny-clip", "llm": "LLM/selma-tiny-llm"}
+
+
+@pytest.fixture(scope="session")
+def comfy_base(tmp_path_factory, tiny_models) -> Path:
+    base = make_base_dir(tmp_path_factory.mktemp("comfy-base"))
+    for name, rel in TINY_INSTALL.items():
+        (base / "models" / rel).symlink_to(tiny_models[name])
+    return base
 
 
 @pytest.fixture(scope="session")

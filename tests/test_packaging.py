@@ -90,3 +90,36 @@ def test_ci_runs_exactly_the_readme_test_command():
     command = m.group(1).strip()
     ci = (REPO / ".ci" / "run").read_text()
     assert re.search(rf"^exec {re.escape(command)}$", ci, re.M), (command, ci)
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
+    for init in (REPO / "selma_backend").rglob("__init__.py"):
+        dotted = ".".join(init.parent.relative_to(REPO).parts)
+        assert dotted in listed and f"comfyui_selma.{dotted}" in listed, dotted
+    for init in (REPO / "nodes").rglob("__init__.py"):
+        assert "comfyui_selma." + ".".join(init.parent.relative_to(REPO).parts) in listed
+
+
+def test_a_built_wheel_carries_the_pack_and_loads_without_comfyui(tmp_path):
+    """A non-editable install: `comfyui_selma` and `selma_backend` with their data files."""
+    import zipfile
+
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                          str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    (wheel,) = tmp_path.glob("comfyui_selma-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for must in ("comfyui_selma/__init__.py", "comfyui_selma/nodes/glue.py", "comfyui_selma/locales/ja/nodeDefs.json",
+                 "comfyui_selma/workflows/selma_list_skills.json", "comfyui_selma/selma_backend/cli.py",
+                 "selma_backend/cli.py", "selma_backend/prompts/offline_vocab.json"):
+        assert must in names, must
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, timeout=300)
+    code = ("import sys, comfyui_selma.selma_backend.skills as s, selma_backend.cli as c; "
+            "assert len(s.builtin_skills()) == 8; assert 'comfy' not in sys.modules; print(comfyui_selma.__file__)")
+    check = subprocess.run([sys.executable, "-c", "import comfyui_selma; " + code], capture_output=True, text=True,
+                           cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
+    assert check.returncode == 0, check.stderr
+    assert str(target) in check.stdout

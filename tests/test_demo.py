@@ -1,0 +1,39 @@
+"""`selma demo`: runs the built stages on embedded defaults, offline, and resumes instead of redoing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from selma_backend.fsio import read_jsonl
+
+BIN = Path(sys.executable).parent
+
+
+def test_demo_writes_every_artefact_offline_and_resumes(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "empty-hf"))
+    cmd = [str(BIN / "selma"), "demo", "--out", str(tmp_path / "d"), "--count", "30", "--skills", "countbench,product"]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr
+    manifest = json.loads((tmp_path / "d" / "demo.json").read_text())
+    assert set(manifest["models"]) == {"sd1", "sdxl", "mini-sd15", "clip", "llm"}
+    for skill in ("countbench", "product"):
+        rows = read_jsonl(manifest["prompts"][skill])
+        assert len(rows) == 30 and {r["skill"] for r in rows} == {skill}
+    before = Path(manifest["prompts"]["countbench"]).read_bytes()
+    again = subprocess.run(cmd[:-4] + ["--count", "40", "--skills", "countbench,product"], capture_output=True,
+                           text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "skipped" in again.stdout  # models kept, not rewritten
+    after = Path(manifest["prompts"]["countbench"]).read_bytes()
+    assert after.startswith(before) and len(read_jsonl(manifest["prompts"]["countbench"])) == 40
+
+
+def test_demo_rejects_an_unknown_skill_before_doing_anything(tmp_path):
+    out = subprocess.run([str(BIN / "selma"), "demo", "--out", str(tmp_path / "d"), "--skills", "nope"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "nope" in out.stderr
+    assert not (tmp_path / "d").exists()
