@@ -5,11 +5,16 @@ from __future__ import annotations
 
 from .glue import ComfyExtension, add_routes, io, register_folders
 from .routes import register_routes
+from .prompts import SelmaCustomSkill, SelmaGeneratePrompts, SelmaLLM, SelmaSkill
 from .skills import SelmaListSkills
 
 #: Every node of the pack, in menu order. Append only: ids are permanent (saved workflows use them).
 NODES: list[type[io.ComfyNode]] = [
     SelmaListSkills,
+    SelmaSkill,
+    SelmaCustomSkill,
+    SelmaLLM,
+    SelmaGeneratePrompts,
 ]
 
 

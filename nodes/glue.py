@@ -22,8 +22,8 @@ import comfy.model_management as mm
 import comfy.utils
 import folder_paths
 
-__all__ = ["ComfyExtension", "io", "ui", "CATEGORY", "progress_callback", "interrupted", "output_dir", "user_dir",
-           "models_dir", "register_folders", "free_memory", "add_routes", "send_event"]
+__all__ = ["ComfyExtension", "io", "ui", "CATEGORY", "progress_callback", "interrupted", "raise_if_interrupted", "output_dir", "user_dir",
+           "models_dir", "model_names", "model_folders", "register_folders", "free_memory", "add_routes", "send_event"]
 
 log = logging.getLogger("selma")
 
@@ -46,6 +46,19 @@ def user_dir() -> Path:
     return Path(folder_paths.get_user_directory())
 
 
+def model_names(folder: str) -> list[str]:
+    """Files ComfyUI lists for a model folder name (``checkpoints``, ``loras``, ``LLM`` …)."""
+    return list(folder_paths.get_filename_list(folder))
+
+
+def model_folders(folder: str) -> list[Path]:
+    """Every directory ComfyUI searches for a model folder name (extra_model_paths included)."""
+    try:
+        return [Path(p) for p in folder_paths.get_folder_paths(folder)]
+    except KeyError:
+        return []
+
+
 def register_folders() -> None:
     """Make ``models/LLM`` a model folder ComfyUI knows, unless another pack already did."""
     for name, sub in EXTRA_FOLDERS.items():
@@ -55,12 +68,14 @@ def register_folders() -> None:
 
 
 def progress_callback(total: int) -> Callable[[int, int], None]:
-    """A backend progress callback ``(done, total)`` that drives the node's progress bar and makes
-    ComfyUI's Cancel button work (it raises ComfyUI's interruption exception)."""
+    """A backend progress callback ``(done, total)`` that drives the node's progress bar.
+
+    It never raises: backends stop cleanly through :func:`interrupted` (``should_stop``), then the
+    node calls :func:`raise_if_interrupted` so ComfyUI records the run as cancelled.
+    """
     bar = comfy.utils.ProgressBar(total)
 
     def update(done: int, new_total: int) -> None:
-        mm.throw_exception_if_processing_interrupted()
         bar.update_absolute(done, new_total)
 
     return update
@@ -69,6 +84,11 @@ def progress_callback(total: int) -> Callable[[int, int], None]:
 def interrupted() -> bool:
     """True once the user pressed Cancel; backends poll this to stop cleanly between steps."""
     return bool(mm.processing_interrupted())
+
+
+def raise_if_interrupted() -> None:
+    """End the node the way ComfyUI expects after Cancel (finished work is already on disk)."""
+    mm.throw_exception_if_processing_interrupted()
 
 
 def free_memory() -> None:

@@ -7,7 +7,7 @@ from ..selma_backend.skills import SKILL_FILE_SUFFIXES, list_skills
 from .glue import CATEGORY, io, ui, user_dir
 
 
-def _skills_dir():
+def skills_dir():
     return user_dir() / "selma" / "skills"
 
 
@@ -35,11 +35,11 @@ class SelmaListSkills(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, include_user_skills: bool = True) -> str:
         # Re-run when a user skill file is added, edited or removed (ComfyUI caches on inputs).
-        return f"{include_user_skills}|{folder_fingerprint(_skills_dir(), SKILL_FILE_SUFFIXES)}"
+        return f"{include_user_skills}|{folder_fingerprint(skills_dir(), SKILL_FILE_SUFFIXES)}"
 
     @classmethod
     def execute(cls, include_user_skills: bool = True) -> io.NodeOutput:
-        skills = list_skills(_skills_dir() if include_user_skills else None)
+        skills = list_skills(skills_dir() if include_user_skills else None)
         lines = [f"{s.id}\t{s.name}\t<{s.word_limit} words\tflip: {s.flip}" for s in skills]
         table = "\n".join(lines)
         return io.NodeOutput(table, [s.id for s in skills], ui=ui.PreviewText(table))

@@ -44,6 +44,7 @@ class ComfyServer:
     comfyui_dir: Path
     base_dir: Path
     front_end_root: Path | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
     port: int = 0
     proc: subprocess.Popen | None = None
     log_path: Path = field(default=Path())
@@ -65,6 +66,9 @@ class ComfyServer:
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    DO_NOT_TRACK="1")
         env.pop("PYTHONPATH", None)
+        for key in ("SELMA_LLM_API_KEY", "OPENAI_API_KEY"):  # only what a test gives explicitly
+            env.pop(key, None)
+        env.update(self.extra_env)
         log = open(self.log_path, "wb")  # noqa: SIM115 - closed by the process's end
         self.proc = subprocess.Popen(cmd, cwd=self.comfyui_dir, stdout=log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
@@ -138,5 +142,28 @@ class ComfyServer:
             time.sleep(0.2)
         raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout:.0f} s\n{self.log_tail(40)}")
 
-    def run(self, graph: dict, timeout: float = 300.0) -> dict:
-        return self.wait(self.queue(graph), timeout)
+    def run(self, graph: dict, timeout: float = 300.0, extra_data: dict | None = None) -> dict:
+        return self.wait(self.queue(graph, extra_data), timeout)
+
+    def listen(self):
+        """A websocket for this client id (events of prompts this harness queues)."""
+        import websocket
+
+        return websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}", timeout=120)
+
+
+def collect_events(ws, prompt_id: str, on_event=None) -> list[dict]:
+    """Read ``ws`` until ``prompt_id`` ends; return its JSON events (``on_event`` sees each first)."""
+    out = []
+    while True:
+        msg = ws.recv()
+        if isinstance(msg, bytes):
+            continue
+        event = json.loads(msg)
+        if event.get("data", {}).get("prompt_id") not in (prompt_id, None):
+            continue
+        out.append(event)
+        if on_event is not None:
+            on_event(event)
+        if event["type"] in ("execution_success", "execution_error", "execution_interrupted"):
+            return out
