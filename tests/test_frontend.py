@@ -16,6 +16,9 @@ pytestmark = [pytest.mark.comfy, pytest.mark.browser]
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 ARTIFACTS = REPO / "test-artifacts"
+#: Errors the newest frontend logs against ComfyUI 0.3.75's older API whatever the graph (the Jobs
+#: API arrived after 0.3.75). Anything else logged while our workflow loads and runs fails the test.
+FRONTEND_OWN_ERRORS = ("[Jobs API]", "Failed to fetch jobs")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +62,8 @@ def test_bundled_workflow_loads_and_queues_in_the_real_frontend(any_frontend, wo
     ours = [r for r in page.failed_requests if "selma" in r.lower()]
     assert ours == [], ours
     assert at_open == [], at_open
-    added = [e for e in page.console_errors[baseline:] if not e.startswith("Failed to load resource")]
+    added = [e for e in page.console_errors[baseline:]
+             if not e.startswith("Failed to load resource") and not any(p in e for p in FRONTEND_OWN_ERRORS)]
     assert added == [], added
 
 
