@@ -81,3 +81,17 @@ def test_japanese_ui_shows_our_translations(any_frontend):
         assert title == "SELMA スキル一覧"
     else:  # 1.32.9 merges custom-node locales after registering nodes: titles stay English, menus and
         assert title == "SELMA List Skills"  # tooltips translate. If this starts failing, the pin moved.
+
+
+def test_status_events_show_as_toasts(any_frontend):
+    """web/js/selma_status.js: a `selma.status` event from the server becomes a toast."""
+    which, server = any_frontend
+    with browser_page() as page:
+        open_comfyui(page, server)
+        page.wait_for_function("() => (window.app.extensions || []).some(e => e.name === 'selma.status')",
+                               timeout=30_000)  # web/js/selma_status.js registered
+        page.evaluate("() => window.app.api.dispatchCustomEvent('selma.status', "
+                      "{level: 'warning', title: 'SELMA render', text: 'out of memory: batch halved to 4'})")
+        page.wait_for_selector("text=out of memory: batch halved to 4", timeout=10_000)
+        page.screenshot(path=str(ARTIFACTS / f"frontend-{which}-status-toast.png"))
+    assert not [e for e in page.console_errors if "selma" in e.lower()]
