@@ -29,6 +29,23 @@ def comfyui_dir() -> Path:
     return _comfyui_dir()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_selma_cache(tmp_path_factory):
+    """Caches the code writes (weight hashes, latents) go to a temp dir, not the user's ~/.cache.
+
+    The provisioned ComfyUI is found first, through the real cache location."""
+    default = DEFAULT_CACHE / "comfyui-0.3.75"
+    if (default / "main.py").is_file():
+        os.environ.setdefault("SELMA_COMFYUI_DIR", str(default))
+    old = os.environ.get("SELMA_CACHE_DIR")
+    os.environ["SELMA_CACHE_DIR"] = str(tmp_path_factory.mktemp("selma-cache"))
+    yield
+    if old is None:
+        os.environ.pop("SELMA_CACHE_DIR", None)
+    else:
+        os.environ["SELMA_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """The five tiny models of ``selma tiny-models`` (seed 0), written once per test session."""
