@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+from .filter import SelmaFilterDataset, SelmaLoadClip, SelmaReviewDataset
 from .glue import ComfyExtension, add_routes, io, register_folders
-from .routes import register_routes
 from .prompts import SelmaCustomSkill, SelmaGeneratePrompts, SelmaLLM, SelmaSkill
+from .render import SelmaAppendToDataset, SelmaLoadModel, SelmaRenderDataset
+from .routes import register_routes
 from .skills import SelmaListSkills
 
 #: Every node of the pack, in menu order. Append only: ids are permanent (saved workflows use them).
@@ -15,6 +17,12 @@ NODES: list[type[io.ComfyNode]] = [
     SelmaCustomSkill,
     SelmaLLM,
     SelmaGeneratePrompts,
+    SelmaLoadModel,
+    SelmaRenderDataset,
+    SelmaAppendToDataset,
+    SelmaLoadClip,
+    SelmaFilterDataset,
+    SelmaReviewDataset,
 ]
 
 

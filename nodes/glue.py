@@ -23,7 +23,7 @@ import comfy.utils
 import folder_paths
 
 __all__ = ["ComfyExtension", "io", "ui", "CATEGORY", "progress_callback", "interrupted", "raise_if_interrupted", "output_dir", "user_dir",
-           "models_dir", "model_names", "model_folders", "register_folders", "free_memory", "add_routes", "send_event"]
+           "models_dir", "model_names", "model_path", "model_folders", "register_folders", "free_memory", "add_routes", "send_event"]
 
 log = logging.getLogger("selma")
 
@@ -49,6 +49,14 @@ def user_dir() -> Path:
 def model_names(folder: str) -> list[str]:
     """Files ComfyUI lists for a model folder name (``checkpoints``, ``loras``, ``LLM`` …)."""
     return list(folder_paths.get_filename_list(folder))
+
+
+def model_path(folder: str, name: str) -> Path:
+    """The full path of a file ComfyUI lists in a model folder (``get_full_path``)."""
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        raise ValueError(f"{name!r} is not in ComfyUI's {folder} folders; put it there and refresh")
+    return Path(path)
 
 
 def model_folders(folder: str) -> list[Path]:

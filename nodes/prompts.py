@@ -11,8 +11,17 @@ from ..selma_backend.llm.transformers_backend import list_local_llms
 from ..selma_backend.paths import safe_join
 from ..selma_backend.prompts.generate import PromptConfig, backend_names, generate_prompts
 from ..selma_backend.skills import FLIP_POLICIES, list_skills, resolve_skill, skill_from_fields
-from .glue import (CATEGORY, interrupted, io, model_folders, output_dir, progress_callback, raise_if_interrupted,
-                   ui, user_dir)
+from .glue import (
+    CATEGORY,
+    interrupted,
+    io,
+    model_folders,
+    output_dir,
+    progress_callback,
+    raise_if_interrupted,
+    ui,
+    user_dir,
+)
 from .skills import skills_dir
 
 Skill = io.Custom("SELMA_SKILL")

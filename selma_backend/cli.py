@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "skills": (".skills_cli", "list the built-in and user skills"),
     "prompts": (".prompts.cli", "stage 1: generate prompts for a skill and deduplicate them"),
     "demo": (".demo", "run the whole pipeline on embedded defaults, offline"),
+    "render": (".render.cli", "stage 2: render a dataset from prompts (batched, resumable, shardable)"),
+    "filter": (".filter.cli", "stage 3: CLIP-score a dataset and choose what to keep"),
 }
 
 

@@ -133,3 +133,14 @@ def folder_fingerprint(path: str | os.PathLike[str] | None, suffixes: tuple[str,
             st = p.stat()
             parts.append(f"{p.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}")
     return "|".join(parts) or "empty"
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    """Streaming sha256 of a file's bytes (weights can be many GB: never read whole)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

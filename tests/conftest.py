@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from harness.comfy import ComfyServer, make_base_dir
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from harness.browser import browser_page, load_workflow, open_comfyui
 from harness.comfy import ComfyServer
 

@@ -10,7 +10,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-
 from harness.schema import describe, non_append_changes, widget_slots
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "nodes.json"

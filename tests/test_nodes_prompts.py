@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 from fakes.openai_server import FakeOpenAIServer, delay
-
 from harness.comfy import ComfyServer, collect_events
+
 from selma_backend.fsio import read_jsonl
 
 pytestmark = pytest.mark.comfy

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from harness.schema import describe, widget_slots
 
 pytestmark = pytest.mark.comfy

@@ -1,0 +1,1 @@
+"""Helpers for the stage-2 render tests (tiny model, dataset checks, subprocess entry points)."""
