@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..selma_backend.fsio import read_jsonl
 from ..selma_backend.models.config import DEVICES, DTYPES, PREDICTION_TYPES, ModelConfig
 from ..selma_backend.models.detect import detect_architecture
 from ..selma_backend.models.loader import load_pipeline
@@ -161,6 +162,8 @@ class SelmaRenderDataset(io.ComfyNode):
                                     warn=lambda msg: send_event("status", {"level": "warning", "title": "SELMA render",
                                                                            "text": msg}))
         raise_if_interrupted()
+        if not shown:  # nothing new this run (a re-run of a complete dataset): preview what is there
+            shown = [out / r["file_name"] for r in read_jsonl(out / "metadata.jsonl")[:_PREVIEW]]
         text = (f"{report.status}: {report.rendered} rendered, {report.existing} already there, "
                 f"{report.images_per_s:.2f} images/s, batch {report.batch_size} → {out}")
         text += "".join(f"\nwarning: {w}" for w in report.warnings)

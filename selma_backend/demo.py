@@ -16,51 +16,97 @@ from .fsio import atomic_write_json
 
 DEFAULT_SKILLS = ("countbench", "spatial")
 #: Stages the demo cannot run yet, shown so nobody mistakes the demo's end for the pipeline's.
-PENDING_STAGES = ("render (S2)", "filter (S3)", "train (S4)", "merge (S5)", "evaluate (S6)")
+PENDING_STAGES = ("train (S4)", "merge (S5)", "evaluate (S6)")
+STEPS = 4  # stage count printed as [i/STEPS]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="selma-demo", help="folder for every artefact (default: %(default)s)")
     parser.add_argument("--skills", default=",".join(DEFAULT_SKILLS), help="comma-separated skill ids (default: %(default)s)")
-    parser.add_argument("--count", type=int, default=200, help="prompts per skill (default: %(default)s)")
+    parser.add_argument("--count", type=int, default=24, help="prompts per skill (default: %(default)s)")
+    parser.add_argument("--images-per-prompt", type=int, default=2, help="images per prompt (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=8, help="denoising steps (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
 
 
-def run_demo(out: Path, skills: list[str], count: int, seed: int, say=print) -> dict:
+def run_demo(out: Path, skills: list[str], count: int, seed: int, say=print, *, images_per_prompt: int = 2,
+             steps: int = 8) -> dict:
     """Run every built stage in order; return the manifest that is also written to out/demo.json."""
     from .prompts.generate import PromptConfig, generate_prompts
+    from .render.config import RenderConfig
     from .skills import resolve_skill
     from .tiny_models import write_tiny_models
 
     if count < 1:
         raise invalid("count", count, "an integer >= 1")
-    resolved = [resolve_skill(s) for s in skills]  # check every skill before spending time
+    render_config = RenderConfig(images_per_prompt=images_per_prompt, steps=steps, batch_size=8, seed=seed,
+                                 scheduler="euler")  # checked before any time is spent
+    resolved = [resolve_skill(s) for s in skills]
     start = time.perf_counter()
-    say(f"[1/2] tiny models → {out / 'models'}")
+    say(f"[1/{STEPS}] tiny models → {out / 'models'}")
     models = write_tiny_models(out / "models", seed=seed, log=lambda m: say("      " + m))
     prompts = {}
     for i, skill in enumerate(resolved, 1):
         path = out / "prompts" / f"{skill.id}.jsonl"
-        say(f"[2/2] prompts for {skill.id} ({i}/{len(resolved)}) → {path}")
+        say(f"[2/{STEPS}] prompts for {skill.id} ({i}/{len(resolved)}) → {path}")
         report = generate_prompts(PromptConfig(skill=skill, count=count, seed=seed), path)
         say(f"      {report.status}: {report.existing + report.written} prompts, {report.requests} requests, "
             f"rejected {sum(report.rejected.values())}")
         prompts[skill.id] = str(path)
-    manifest = {"models": {k: str(v) for k, v in models.items()}, "prompts": prompts,
-                "pending_stages": list(PENDING_STAGES), "seconds": round(time.perf_counter() - start, 1)}
+    datasets = _render(out, models["sd1"], prompts, render_config, say)
+    filtered = _filter(models["clip"], datasets, say)
+    manifest = {"models": {k: str(v) for k, v in models.items()}, "prompts": prompts, "datasets": datasets,
+                "filter": filtered, "pending_stages": list(PENDING_STAGES),
+                "seconds": round(time.perf_counter() - start, 1)}
     atomic_write_json(out / "demo.json", manifest)
     return manifest
+
+
+def _render(out: Path, sd1: Path, prompts: dict[str, str], config, say) -> dict[str, str]:
+    """Stage 2 with the tiny SD-1.x folder: one dataset per skill (resumes what exists)."""
+    from .models.config import ModelConfig
+    from .models.loader import load_pipeline
+    from .render.render import render_dataset
+
+    datasets = {}
+    with load_pipeline(ModelConfig(path=str(sd1))) as lp:
+        for skill, path in prompts.items():
+            target = out / "datasets" / skill
+            say(f"[3/{STEPS}] render {skill} → {target}")
+            report = render_dataset(lp, path, target, config)
+            say(f"      {report.status}: {report.rendered} rendered, {report.existing} already there, "
+                f"{report.images_per_s:.1f} images/s")
+            datasets[skill] = str(target)
+    return datasets
+
+
+def _filter(clip: Path, datasets: dict[str, str], say) -> dict[str, dict]:
+    """Stage 3 with the tiny open_clip model: keep the best image of each prompt."""
+    from .filter import FilterConfig, ScorerConfig, filter_dataset, load_scorer
+
+    results = {}
+    with load_scorer(ScorerConfig(path=str(clip))) as scorer:
+        for skill, path in datasets.items():
+            say(f"[4/{STEPS}] CLIP-filter {skill} (best of each prompt)")
+            report = filter_dataset(path, scorer, FilterConfig(mode="top_k_per_prompt", top_k=1, dedup_cosine=0))
+            say(f"      kept {report.kept} of {report.total}; histogram {report.histogram}")
+            results[skill] = {"kept": report.kept, "total": report.total, "histogram": report.histogram}
+    return results
 
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     skills = [s.strip() for s in args.skills.split(",") if s.strip()]
-    manifest = run_demo(out, skills, args.count, args.seed)
+    manifest = run_demo(out, skills, args.count, args.seed, images_per_prompt=args.images_per_prompt,
+                        steps=args.steps)
     print(f"\nDone in {manifest['seconds']} s. Artefacts under {out}:")
     for name, path in manifest["models"].items():
         print(f"  model    {name:<12} {path}")
     for skill, path in manifest["prompts"].items():
         print(f"  prompts  {skill:<12} {path}")
+    for skill, path in manifest["datasets"].items():
+        kept = manifest["filter"][skill]
+        print(f"  dataset  {skill:<12} {path}  (kept {kept['kept']}/{kept['total']} after CLIP filtering)")
     print(f"  manifest              {out / 'demo.json'}")
     print("Not built yet (later stages): " + ", ".join(PENDING_STAGES))
     return 0

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import websocket
+from harness.schema import describe, shrink
 
 pytestmark = pytest.mark.comfy
 
@@ -97,8 +98,12 @@ WORKFLOW_CASES = [(p, "ui") for p in sorted(WORKFLOWS.glob("*.json"))] + \
 
 @pytest.mark.parametrize("wf,fmt", WORKFLOW_CASES, ids=[f"{f}-{p.stem}" for p, f in WORKFLOW_CASES])
 def test_comfy_cli_runs_every_bundled_workflow(comfy_server, tmp_path, wf, fmt):
+    """Each bundled file, with its sizes and steps made tiny for the CPU (harness.schema.TINY_SETTINGS)."""
+    schemas = {k: describe(v) for k, v in comfy_server.get_json("/object_info").items()}
+    small = tmp_path / wf.name
+    small.write_text(json.dumps(shrink(json.loads(wf.read_text()), schemas)))
     before = set(comfy_server.get_json("/history"))
-    out = _comfy_cli(comfy_server, wf, tmp_path)
+    out = _comfy_cli(comfy_server, small, tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     new = {k: v for k, v in comfy_server.get_json("/history").items() if k not in before}
     assert len(new) == 1, out.stdout

@@ -51,6 +51,12 @@ def test_render_from_a_diffusers_folder_writes_the_dataset(comfy_server):
     info = json.loads((d / "dataset.json").read_text())
     assert "complete: 8 rendered" in entry["outputs"]["6"]["text"][0]
     assert len(entry["outputs"]["5"]["images"]) == 8 and json.dumps(info)
+    # A second, identical render into the same folder renders nothing and still previews the dataset.
+    again = render_graph(project="r1")
+    again["4"]["inputs"]["batch_size"] = 2  # not cached by ComfyUI: an input changed
+    entry = comfy_server.run(again)
+    assert "complete: 0 rendered, 8 already there" in entry["outputs"]["6"]["text"][0]
+    assert len(entry["outputs"]["5"]["images"]) == 8
 
 
 def test_render_from_the_single_file_checkpoint(comfy_server):

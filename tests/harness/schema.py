@@ -59,3 +59,39 @@ def non_append_changes(old: dict[str, dict], new: dict[str, dict]) -> list[str]:
         if before["output_node"] != after["output_node"]:
             problems.append(f"{node_id}: output_node changed")
     return problems
+
+
+def widget_index(desc: dict, name: str) -> int:
+    """Position of widget ``name`` in a UI node's ``widgets_values`` (control slots counted)."""
+    i = 0
+    for item in desc["inputs"]:
+        if item["type"] not in WIDGET_TYPES or item.get("force_input"):
+            continue
+        if item["name"] == name:
+            return i
+        i += 1 + int(bool(item.get("control_after_generate")))
+    raise KeyError(name)
+
+
+#: Cheap settings for running bundled workflows on CPU with the tiny models (same graph, smaller numbers).
+TINY_SETTINGS = {
+    "EmptyLatentImage": {"width": 64, "height": 64},
+    "KSampler": {"steps": 2},
+    "SelmaGeneratePrompts": {"count": 3},
+    "SelmaRenderDataset": {"steps": 2, "width": 64, "height": 64},
+}
+
+
+def shrink(workflow: dict, schemas: dict[str, dict]) -> dict:
+    """A copy of a UI- or API-format workflow with :data:`TINY_SETTINGS` applied."""
+    import copy
+
+    wf = copy.deepcopy(workflow)
+    if "nodes" in wf:  # UI format
+        for node in wf["nodes"]:
+            for name, value in TINY_SETTINGS.get(node["type"], {}).items():
+                node["widgets_values"][widget_index(schemas[node["type"]], name)] = value
+    else:
+        for node in wf.values():
+            node["inputs"].update(TINY_SETTINGS.get(node["class_type"], {}))
+    return wf
