@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import websocket
+from harness.comfy import collect_events
 from harness.schema import describe, shrink
 
 pytestmark = pytest.mark.comfy
@@ -65,20 +65,10 @@ def test_selma_routes_are_registered_once_from_the_entrypoint(comfy_server):
 
 
 def test_websocket_delivers_execution_and_progress_events(comfy_server):
-    ws = websocket.create_connection(f"ws://127.0.0.1:{comfy_server.port}/ws?clientId={comfy_server.client_id}", timeout=60)
+    ws = comfy_server.listen()
     try:
         prompt_id = comfy_server.queue({"1": {"class_type": "SelmaListSkills", "inputs": {"include_user_skills": False}}})
-        seen = []
-        while True:
-            msg = ws.recv()
-            if isinstance(msg, bytes):
-                continue
-            event = json.loads(msg)
-            if event.get("data", {}).get("prompt_id") not in (prompt_id, None):
-                continue
-            seen.append(event["type"])
-            if event["type"] in ("execution_success", "execution_error"):
-                break
+        seen = [e["type"] for e in collect_events(ws, prompt_id)]
     finally:
         ws.close()
     assert "execution_start" in seen and "executed" in seen and seen[-1] == "execution_success"

@@ -3,10 +3,8 @@ websocket streams per-step progress — the floor for native-render and LoRA tes
 
 from __future__ import annotations
 
-import json
-
 import pytest
-import websocket
+from harness.comfy import collect_events
 
 pytestmark = pytest.mark.comfy
 
@@ -37,25 +35,14 @@ def test_mini_sd15_is_listed_and_detected_as_sd15(comfy_server):
 
 
 def test_native_sampling_streams_step_progress_and_saves_an_image(comfy_server):
-    ws = websocket.create_connection(f"ws://127.0.0.1:{comfy_server.port}/ws?clientId={comfy_server.client_id}", timeout=120)
+    ws = comfy_server.listen()
     try:
         prompt_id = comfy_server.queue(sampling_graph(steps=3, seed=11))
-        progress = []
-        while True:
-            msg = ws.recv()
-            if isinstance(msg, bytes):
-                continue
-            event = json.loads(msg)
-            data = event.get("data", {})
-            if data.get("prompt_id") not in (prompt_id, None):
-                continue
-            if event["type"] == "progress":
-                progress.append((data["value"], data["max"]))
-            if event["type"] in ("execution_success", "execution_error"):
-                assert event["type"] == "execution_success", event
-                break
+        events = collect_events(ws, prompt_id)
     finally:
         ws.close()
+    assert events[-1]["type"] == "execution_success", events[-1]
+    progress = [(e["data"]["value"], e["data"]["max"]) for e in events if e["type"] == "progress"]
     assert progress[-1] == (3, 3) and len(progress) >= 3
     entry = comfy_server.wait(prompt_id)
     (image,) = entry["outputs"]["7"]["images"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from harness.browser import browser_page, load_workflow, open_comfyui
+from harness.schema import describe, shrink
 
 from selma_backend.fsio import read_jsonl
 
@@ -96,8 +97,11 @@ def test_review_routes_refuse_symlinks_out_and_unlisted_files(comfy_server, filt
 
 
 @pytest.mark.browser
-def test_gallery_click_rejects_an_image_and_it_persists(comfy_server):
-    ui = REPO / "workflows" / "selma_stage3_filter_review.json"
+def test_gallery_click_rejects_an_image_and_it_persists(comfy_server, tmp_path):
+    schemas = {k: describe(v) for k, v in comfy_server.get_json("/object_info").items()}
+    ui = tmp_path / "review.json"
+    ui.write_text(json.dumps(shrink(json.loads((REPO / "workflows" / "selma_stage3_filter_review.json").read_text()),
+                                    schemas)))
     with browser_page(1600, 1000) as page:
         open_comfyui(page, comfy_server)
         result = load_workflow(page, ui)  # loads and queues the bundled workflow as the Run button would
