@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from ..selma_backend.filter import MODES, FilterConfig, ScorerConfig, filter_dataset, load_scorer
+from ..selma_backend.filter.config import parse_per_skill
 from ..selma_backend.models.config import DEVICES, DTYPES
 from .glue import (
     CATEGORY,
@@ -44,19 +45,6 @@ def _clip_path(name: str) -> str:
 
         return str(model_path("clip", name))
     raise ValueError(f"clip_model: {name!r} is not in models/clip; put an open_clip folder or file there and refresh")
-
-
-def _per_skill(text: str) -> dict[str, float]:
-    pairs = {}
-    for part in text.replace("\n", ",").split(","):
-        if part.strip():
-            skill, _, value = part.partition("=")
-            try:
-                pairs[skill.strip()] = float(value)
-            except ValueError:
-                raise ValueError(f"per_skill: got {part.strip()!r}; allowed: skill=threshold pairs such as "
-                                 "'spatial=0.3, countbench=0.25'") from None
-    return pairs
 
 
 def _image(path: str) -> torch.Tensor:
@@ -130,7 +118,7 @@ class SelmaFilterDataset(io.ComfyNode):
     def execute(cls, dataset: dict, clip: ScorerConfig, mode: str, threshold: float, keep_fraction: float, top_k: int,
                 floor: float, per_skill: str, dedup_cosine: float, min_pixel_std: float) -> io.NodeOutput:
         config = FilterConfig(mode=mode, threshold=threshold, keep_fraction=keep_fraction, top_k=top_k,
-                              floor=None if floor <= -1.0 else floor, per_skill=_per_skill(per_skill),
+                              floor=None if floor <= -1.0 else floor, per_skill=parse_per_skill(per_skill),
                               dedup_cosine=dedup_cosine, min_pixel_std=min_pixel_std)
         with load_scorer(clip) as scorer:
             report = filter_dataset(dataset["path"], scorer, config, progress=progress_callback(1),

@@ -10,7 +10,8 @@ import pytest
 
 from selma_backend.errors import SelmaError
 from selma_backend.filter import CHECKS, MODES, FilterConfig, ScorerConfig, effective_keep, set_review
-from selma_backend.filter.cli import add_arguments, config_from_args, parse_per_skill
+from selma_backend.filter.cli import add_arguments, config_from_args
+from selma_backend.filter.config import parse_per_skill
 from selma_backend.filter.review import rewrite_metadata
 from selma_backend.filter.select import Scored, check_plan, choose, near_duplicates
 from selma_backend.render.dataset import METADATA, locked
@@ -223,7 +224,9 @@ def test_cli_flags_build_the_config():
         config_from_args(_args([]))
     with pytest.raises(SelmaError, match="--floor"):
         config_from_args(_args(["--keep-fraction", "0.3", "--threshold", "0.2"]))
-    with pytest.raises(SelmaError, match="per-skill"):
+    with pytest.raises(SelmaError, match="per_skill: got 'spatial:0.3'"):
         parse_per_skill("spatial:0.3")
+    assert parse_per_skill("spatial=0.3\ncountbench = 0.25, ") == {"spatial": 0.3, "countbench": 0.25}  # node text
+    assert parse_per_skill("") == {}
     with pytest.raises(SystemExit):
         _args(["--keep-fraction", "0.3", "--top-k-per-prompt", "1"])

@@ -17,7 +17,7 @@ import json
 import sys
 
 from ..errors import invalid
-from .config import DEVICES, DTYPES, FilterConfig, ScorerConfig
+from .config import DEVICES, DTYPES, FilterConfig, ScorerConfig, parse_per_skill
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,26 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-def parse_per_skill(text: str) -> dict[str, float]:
-    """``"spatial=0.3,countbench=0.25"`` -> {"spatial": 0.3, "countbench": 0.25}."""
-    out: dict[str, float] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        skill, sep, value = part.partition("=")
-        try:
-            if not sep or not skill.strip():
-                raise ValueError(part)
-            out[skill.strip()] = float(value)
-        except ValueError:
-            raise invalid("--per-skill", text, "skill=threshold pairs separated by commas",
-                          "e.g. spatial=0.3,countbench=0.25") from None
-    return out
-
-
 def config_from_args(args: argparse.Namespace) -> FilterConfig:
     common = {"floor": args.floor, "min_pixel_std": args.min_pixel_std, "max_caption_tokens": args.max_caption_tokens,
               "dedup_cosine": args.dedup_cosine, "threshold": args.threshold}
     if args.per_skill is not None:
-        return FilterConfig(mode="per_skill", per_skill=parse_per_skill(args.per_skill), **common)
+        return FilterConfig(mode="per_skill", per_skill=parse_per_skill(args.per_skill, field="--per-skill"), **common)
     if args.keep_fraction is not None or args.top_k_per_prompt is not None:
         if args.threshold is not None:
             raise invalid("--threshold", args.threshold, "only with --per-skill or alone",

@@ -146,3 +146,21 @@ def _cosine(name: str, value: object) -> None:
         raise invalid(name, value, "a cosine similarity from -1 to 1",
                       f"scores here are raw cosines (LAION kept >= {LAION_THRESHOLD} with ViT-B/32); "
                       "divide a CLIPScore by 2.5 (and by 100 if it is a percentage)")
+
+
+def parse_per_skill(text: str, field: str = "per_skill") -> dict[str, float]:
+    """``"spatial=0.3, countbench=0.25"`` (commas or new lines) -> {"spatial": 0.3, "countbench": 0.25}.
+
+    Shared by the CLI (``--per-skill``) and the node's text field; empty text gives {}.
+    """
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.replace("\n", ",").split(","))):
+        skill, sep, value = part.partition("=")
+        try:
+            if not sep or not skill.strip():
+                raise ValueError(part)
+            out[skill.strip()] = float(value)
+        except ValueError:
+            raise invalid(field, text, "skill=threshold pairs separated by commas",
+                          "e.g. spatial=0.3,countbench=0.25") from None
+    return out
