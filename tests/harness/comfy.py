@@ -20,6 +20,33 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 PACK_DIR_NAME = "ComfyUI-SELMA"
+DEFAULT_CACHE = Path(os.environ.get("SELMA_CACHE_DIR", Path.home() / ".cache" / "comfyui-selma"))
+
+#: Start of a script run *inside* ComfyUI's folder in its own process (ComfyUI's top-level modules,
+#: ``nodes``, ``server``, ``utils``…, must not enter pytest's interpreter): ComfyUI importable, CPU,
+#: and every log message collected in ``messages``.
+COMFY_PROLOGUE = r"""
+import json, logging, os, sys
+sys.path.insert(0, os.getcwd())
+import comfy.options
+comfy.options.enable_args_parsing()
+sys.argv = [sys.argv[0], "--cpu"]
+messages = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        messages.append(record.getMessage())
+logging.getLogger().addHandler(Keep())
+"""
+
+
+def comfyui_source_dir() -> Path:
+    """The ComfyUI that scripts/dev.sh provisioned (``SELMA_COMFYUI_DIR``); a test fails without it."""
+    import pytest
+
+    d = Path(os.environ.get("SELMA_COMFYUI_DIR", DEFAULT_CACHE / "comfyui-0.3.75"))
+    if not (d / "main.py").is_file():
+        pytest.fail(f"no ComfyUI at {d}: run the tests with `scripts/dev.sh test` (it provisions ComfyUI)")
+    return d
 
 
 def free_port() -> int:
