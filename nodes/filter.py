@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..selma_backend.errors import invalid
 from ..selma_backend.filter import MODES, FilterConfig, ScorerConfig, filter_dataset, load_scorer
 from ..selma_backend.filter.config import parse_per_skill
 from ..selma_backend.models.config import DEVICES, DTYPES
@@ -17,6 +18,7 @@ from .glue import (
     io,
     model_folders,
     model_names,
+    model_path,
     output_dir,
     progress_callback,
     raise_if_interrupted,
@@ -37,14 +39,13 @@ def _clip_choices() -> list[str]:
 
 def _clip_path(name: str) -> str:
     """Only names the dropdown offers: an open_clip folder or a weights file in models/clip."""
+    choices = _clip_choices()
+    if name not in choices:
+        raise invalid("clip_model", name, choices, "put an open_clip folder or weights file in models/clip and refresh")
     for root in model_folders("clip"):
         if (root / name / "open_clip_config.json").is_file():
             return str(root / name)
-    if name in model_names("clip"):
-        from .glue import model_path
-
-        return str(model_path("clip", name))
-    raise ValueError(f"clip_model: {name!r} is not in models/clip; put an open_clip folder or file there and refresh")
+    return str(model_path("clip", name))
 
 
 def _image(path: str) -> torch.Tensor:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..selma_backend.errors import invalid
 from ..selma_backend.fsio import read_jsonl
 from ..selma_backend.models.config import DEVICES, DTYPES, PREDICTION_TYPES, ModelConfig
 from ..selma_backend.models.detect import detect_architecture
@@ -49,14 +50,15 @@ def _model_choices() -> list[str]:
 
 
 def _model_path(name: str) -> str:
-    """Only names the dropdown offers (model folders are often symlinks to big disks)."""
+    """Only names the dropdown offers (model folders are often symlinks to big disks, so membership in
+    the listing, not path resolution, keeps a typed value from reaching elsewhere)."""
+    choices = _model_choices()
+    if name not in choices:
+        raise invalid("checkpoint", name, choices, "put the model in models/checkpoints or models/diffusers and refresh")
     if name.startswith(_DIFFUSERS_PREFIX):
-        for root in model_folders("diffusers"):
-            if (root / name[len(_DIFFUSERS_PREFIX):] / "model_index.json").is_file():
-                return str(root / name[len(_DIFFUSERS_PREFIX):])
-    elif name in model_names("checkpoints"):
-        return str(model_path("checkpoints", name))
-    raise ValueError(f"model: {name!r} is not in models/checkpoints or models/diffusers; put it there and refresh")
+        folder = name[len(_DIFFUSERS_PREFIX):]
+        return str(next(root / folder for root in model_folders("diffusers") if (root / folder / "model_index.json").is_file()))
+    return str(model_path("checkpoints", name))
 
 
 def dataset_dir(name: str) -> Path:

@@ -91,6 +91,12 @@ def test_cancel_keeps_every_finished_image_and_a_rerun_completes(comfy_server):
     assert all((d / f).stat().st_mtime_ns == m for f, m in mtimes.items())  # nothing finished was redone
 
 
+def test_checkpoint_must_be_one_the_dropdown_lists(comfy_server):
+    pid = comfy_server.queue(render_graph(checkpoint="diffusers/../../../tmp"))  # not in the list: refused
+    with pytest.raises(AssertionError, match="checkpoint"):
+        comfy_server.wait(pid)
+
+
 @pytest.mark.parametrize("name", ["../escape", "/tmp/escape", "a/../../escape"])
 def test_dataset_name_cannot_escape_the_output_folder(comfy_server, name):
     with pytest.raises(AssertionError, match="dataset: got"):
