@@ -14,9 +14,10 @@ from ..selma_backend.filter.config import parse_per_skill
 from ..selma_backend.models.config import DEVICES, DTYPES
 from .glue import (
     CATEGORY,
+    folder_model_path,
+    folder_models,
     interrupted,
     io,
-    model_folders,
     model_names,
     model_path,
     output_dir,
@@ -31,8 +32,7 @@ _FILTER = FilterConfig.__dataclass_fields__
 
 
 def _clip_choices() -> list[str]:
-    folders = sorted({p.name for root in model_folders("clip") if root.is_dir() for p in root.iterdir()
-                      if (p / "open_clip_config.json").is_file()})
+    folders = folder_models("clip", "open_clip_config.json")
     files = [n for n in model_names("clip") if n.lower().endswith((".safetensors", ".sft"))]
     return folders + files or ["(no CLIP models in models/clip)"]
 
@@ -42,9 +42,8 @@ def _clip_path(name: str) -> str:
     choices = _clip_choices()
     if name not in choices:
         raise invalid("clip_model", name, choices, "put an open_clip folder or weights file in models/clip and refresh")
-    for root in model_folders("clip"):
-        if (root / name / "open_clip_config.json").is_file():
-            return str(root / name)
+    if name in folder_models("clip", "open_clip_config.json"):
+        return str(folder_model_path("clip", name, "open_clip_config.json"))
     return str(model_path("clip", name))
 
 

@@ -23,7 +23,7 @@ import comfy.utils
 import folder_paths
 
 __all__ = ["ComfyExtension", "io", "ui", "CATEGORY", "progress_callback", "interrupted", "raise_if_interrupted", "output_dir", "user_dir",
-           "models_dir", "model_names", "model_path", "model_folders", "register_folders", "free_memory", "add_routes", "send_event"]
+           "models_dir", "model_names", "model_path", "model_folders", "folder_models", "folder_model_path", "register_folders", "free_memory", "add_routes", "send_event"]
 
 log = logging.getLogger("selma")
 
@@ -65,6 +65,18 @@ def model_folders(folder: str) -> list[Path]:
         return [Path(p) for p in folder_paths.get_folder_paths(folder)]
     except KeyError:
         return []
+
+
+def folder_models(folder: str, marker: str) -> list[str]:
+    """Names of the sub-folders (one level) of a model folder name that hold ``marker``, sorted:
+    diffusers pipelines (``model_index.json``), open_clip folders (``open_clip_config.json``)."""
+    return sorted({p.name for root in model_folders(folder) if root.is_dir() for p in root.iterdir()
+                   if (p / marker).is_file()})
+
+
+def folder_model_path(folder: str, name: str, marker: str) -> Path:
+    """The path of a name :func:`folder_models` listed (the caller checked membership)."""
+    return next(root / name for root in model_folders(folder) if (root / name / marker).is_file())
 
 
 def register_folders() -> None:

@@ -21,10 +21,11 @@ from ..selma_backend.render.render import render_dataset
 from ..selma_backend.render.schedulers import scheduler_names
 from .glue import (
     CATEGORY,
+    folder_model_path,
+    folder_models,
     free_memory,
     interrupted,
     io,
-    model_folders,
     model_names,
     model_path,
     output_dir,
@@ -44,8 +45,7 @@ _PREVIEW = 8  # images shown in the IMAGE preview
 
 def _model_choices() -> list[str]:
     files = [n for n in model_names("checkpoints") if n.lower().endswith((".safetensors", ".sft", ".ckpt", ".pt", ".pth"))]
-    folders = sorted({f"{_DIFFUSERS_PREFIX}{p.name}" for root in model_folders("diffusers") if root.is_dir()
-                      for p in root.iterdir() if (p / "model_index.json").is_file()})
+    folders = [_DIFFUSERS_PREFIX + n for n in folder_models("diffusers", "model_index.json")]
     return files + folders or ["(no checkpoints found)"]
 
 
@@ -56,8 +56,7 @@ def _model_path(name: str) -> str:
     if name not in choices:
         raise invalid("checkpoint", name, choices, "put the model in models/checkpoints or models/diffusers and refresh")
     if name.startswith(_DIFFUSERS_PREFIX):
-        folder = name[len(_DIFFUSERS_PREFIX):]
-        return str(next(root / folder for root in model_folders("diffusers") if (root / folder / "model_index.json").is_file()))
+        return str(folder_model_path("diffusers", name[len(_DIFFUSERS_PREFIX):], "model_index.json"))
     return str(model_path("checkpoints", name))
 
 
