@@ -1,0 +1,204 @@
+"""Stage 4 training on the tiny models: experts trained, exported, loaded back and rendered; caches
+reused; stop/resume exact; NaN stops with the last good checkpoint; SDXL, v-prediction, presets."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from train_helpers import SPATIAL, make_dataset, tiny_config
+
+from selma_backend.errors import SelmaError
+from selma_backend.lora.format import load_lora, provenance
+from selma_backend.models.config import ModelConfig
+from selma_backend.models.loader import load_pipeline
+from selma_backend.train import TrainingDiverged, train_experts
+from selma_backend.train.config import PRESETS
+from selma_backend.train.model import target_modules
+
+COUNT = ["two red apples", "three blue cups", "one green bottle", "four yellow stars"]
+
+
+@pytest.fixture(scope="module")
+def sd1(tiny_models):
+    lp = load_pipeline(ModelConfig(str(tiny_models["sd1"])))
+    lp.pipe.set_progress_bar_config(disable=True)
+    yield lp
+    lp.release()
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-data")
+    return [make_dataset(root / "spatial", "spatial"), make_dataset(root / "count", "countbench", COUNT, seed=1)]
+
+
+@pytest.fixture(scope="module")
+def trained(sd1, datasets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("experts")
+    cfg = tiny_config(validation_every=2, validation_prompts=("a cat to the left of a dog", "two cups"),
+                      validation_steps=2)
+    results = train_experts(sd1, datasets, out, cfg, cache_root=out / "cache")
+    return out, cfg, results
+
+
+def _render(pipe, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return pipe("a red cube to the left of a blue ball", num_inference_steps=1, height=64, width=64, generator=g,
+                output_type="np").images[0]
+
+
+def test_one_call_trains_one_expert_per_dataset(trained, sd1):
+    out, cfg, results = trained
+    assert [r.name for r in results] == ["spatial", "countbench"]
+    for r in results:
+        assert r.path == str(out / f"{r.name}.safetensors") and r.steps == 4 and not r.stopped
+        tensors, meta = load_lora(r.path)
+        assert all(k.startswith("lora_unet_") for k in tensors)
+        assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8"
+        prov = provenance(meta)
+        assert prov["skill"] == r.name and prov["base_model_sha256"] == sd1.model_hash
+        assert prov["steps"] == 4 and prov["config"]["rank"] == 4 and len(prov["dataset_sha256"]) == 64
+        ups = [t for k, t in tensors.items() if k.endswith("lora_up.weight")]
+        assert ups and all(t.abs().sum() > 0 for t in ups)  # training moved B away from its zero init
+    assert not any(n for n, _ in sd1.pipe.unet.named_parameters() if "lora" in n)  # adapter removed afterwards
+
+
+def test_expert_loads_in_diffusers_and_changes_the_render(trained, sd1):
+    _, _, results = trained
+    base = _render(sd1.pipe)
+    sd1.pipe.load_lora_weights(results[0].path, adapter_name="check")
+    try:
+        with_lora = _render(sd1.pipe)
+    finally:
+        sd1.pipe.delete_adapters("check")
+    assert float(abs(with_lora - base).max()) > 1e-4
+    assert float(abs(_render(sd1.pipe) - base).max()) == 0.0  # and unloading restores the base exactly
+
+
+def test_loss_log_plot_and_validation_grids(trained):
+    _, cfg, results = trained
+    work = results[0].work_dir
+    rows = list(csv.DictReader(open(f"{work}/loss.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert all(float(r["loss"]) > 0 and float(r["lr"]) == pytest.approx(cfg.lr) for r in rows)
+    assert Image.open(results[0].loss_plot).size == (640, 360)
+    grids = sorted(p.name for p in (Path(work) / "validation").iterdir())
+    assert grids == ["step-000002.png", "step-000004.png"]
+    assert Image.open(f"{work}/validation/step-000004.png").size[0] == 2 * 64
+
+
+def test_caches_are_reused_across_runs_and_refuse_silent_overwrite(trained, sd1, datasets):
+    out, cfg, results = trained
+    first = results[0].cache
+    assert first["latents_encoded"] == 2 * len(SPATIAL)  # both orientations: spatial may be flipped
+    with pytest.raises(SelmaError, match="never overwritten silently"):
+        train_experts(sd1, datasets[:1], out, cfg, cache_root=out / "cache")
+    again = train_experts(sd1, datasets[:1], out, cfg, cache_root=out / "cache", overwrite=True)
+    assert again[0].cache["latents_encoded"] == 0 and again[0].cache["text_encoded"] == 0
+    assert again[0].cache["latents_reused"] == 2 * len(SPATIAL)
+    skipped = train_experts(sd1, datasets[:1], out, cfg, cache_root=out / "cache", resume=True)
+    assert skipped[0].skipped
+    other_res = train_experts(sd1, datasets[:1], out / "r128", tiny_config(resolution=128, steps=1),
+                              cache_root=out / "cache")
+    assert other_res[0].cache["latents_encoded"] == 2 * len(SPATIAL)  # another resolution is another key
+
+
+def _final(path):
+    tensors, _ = load_lora(path)
+    return tensors
+
+
+def test_stop_then_resume_equals_an_uninterrupted_run(sd1, datasets, tmp_path):
+    cfg = tiny_config(steps=5, checkpoint_every=100)
+    straight = train_experts(sd1, datasets[:1], tmp_path / "a", cfg, cache_root=tmp_path / "cache")[0]
+    calls = {"n": 0}
+
+    def stop_after_two() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    stopped = train_experts(sd1, datasets[:1], tmp_path / "b", cfg, cache_root=tmp_path / "cache",
+                            should_stop=stop_after_two)[0]
+    assert stopped.stopped and stopped.path is None and stopped.steps == 2
+    assert (tmp_path / "b" / "spatial.train" / "checkpoints" / "step-000002").is_dir()
+    with pytest.raises(SelmaError, match="unfinished run"):
+        train_experts(sd1, datasets[:1], tmp_path / "b", cfg, cache_root=tmp_path / "cache")
+    resumed = train_experts(sd1, datasets[:1], tmp_path / "b", cfg, cache_root=tmp_path / "cache", resume=True)[0]
+    assert resumed.steps == 5
+    a, b = _final(straight.path), _final(resumed.path)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # bit-exact on CPU: same steps, same noise, same order
+    log = list(csv.DictReader(open(tmp_path / "b" / "spatial.train" / "loss.csv")))
+    assert [int(r["step"]) for r in log] == [1, 2, 3, 4, 5]
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(sd1, datasets, tmp_path):
+    cfg = tiny_config(steps=6, checkpoint_every=1, lr=1e30, max_grad_norm=0.0)
+    with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf) at step \d") as err:
+        train_experts(sd1, datasets[:1], tmp_path, cfg, cache_root=tmp_path / "cache")
+    work = tmp_path / "spatial.train" / "checkpoints"
+    kept = sorted(p.name for p in work.iterdir() if not p.name.startswith("."))
+    assert kept and str(work / kept[-1]) in str(err.value)
+    saved = _final_ckpt(work / kept[-1])
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    assert not (tmp_path / "spatial.safetensors").exists()
+
+
+def _final_ckpt(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "lora.safetensors"))
+
+
+def test_v_prediction_trains_against_the_velocity(tiny_models, datasets, tmp_path):
+    lp = load_pipeline(ModelConfig(str(tiny_models["sd1"]), prediction_type="v_prediction"))
+    try:
+        assert lp.prediction_type == "v_prediction"
+        r = train_experts(lp, datasets[1:], tmp_path, tiny_config(steps=2), cache_root=tmp_path / "c")[0]
+        assert provenance(load_lora(r.path)[1])["prediction_type"] == "v_prediction"
+    finally:
+        lp.release()
+
+
+def test_sdxl_expert_trains_and_loads_in_diffusers(tiny_models, datasets, tmp_path):
+    lp = load_pipeline(ModelConfig(str(tiny_models["sdxl"])))
+    lp.pipe.set_progress_bar_config(disable=True)
+    try:
+        r = train_experts(lp, datasets[:1], tmp_path, tiny_config(steps=2), cache_root=tmp_path / "c")[0]
+        tensors, meta = load_lora(r.path)
+        assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+        assert any(k.startswith("lora_unet_input_blocks_") for k in tensors)  # kohya's SDXL names are LDM names
+        base = _render(lp.pipe)
+        lp.pipe.load_lora_weights(r.path, adapter_name="x")
+        assert float(abs(_render(lp.pipe) - base).max()) > 1e-5
+        lp.pipe.delete_adapters("x")
+    finally:
+        lp.release()
+
+
+def test_presets_choose_their_modules(sd1):
+    unet = sd1.pipe.unet
+    selma = target_modules(unet, PRESETS.get("selma"))
+    assert selma and all(n.split(".")[-1] in ("to_q", "to_k", "to_v") or n.endswith("to_out.0") for n in selma)
+    ff = target_modules(unet, PRESETS.get("attn+ff"))
+    assert set(selma) < set(ff) and any(n.endswith("ff.net.2") for n in ff)
+    full = target_modules(unet, PRESETS.get("full"))
+    assert set(ff) < set(full) and any(n.endswith("resnets.0.conv1") for n in full)
+
+
+def test_text_encoder_lora_and_peft_export(sd1, datasets, tmp_path):
+    cfg = tiny_config(steps=1, text_encoder_lora=True, export_format="peft", preset="attn+ff")
+    r = train_experts(sd1, datasets[1:], tmp_path, cfg, cache_root=tmp_path / "c")[0]
+    tensors, meta = load_lora(r.path)
+    assert any(k.startswith("text_encoder.") for k in tensors) and any(k.startswith("unet.") for k in tensors)
+    assert any("ff.net.2" in k for k in tensors)
+    assert json.loads(meta["lora_adapter_metadata"])["unet.r"] == 4
+    assert r.cache["text_encoded"] == 0  # a trained text encoder cannot use cached text
+    sd1.pipe.load_lora_weights(r.path, adapter_name="peft")
+    sd1.pipe.delete_adapters("peft")
