@@ -91,11 +91,11 @@ def build(arch: str, toy: bool, device: str, dtype: Any) -> Any:
     if arch == "sdxl":
         texts.append(("openclip_bigg_text", "CLIPTextModelWithProjection", "!"))
     base = diffusers.EulerDiscreteScheduler.from_config(bundled_config("scheduler_sd"))
+    scheduler = build_scheduler(SCHEDULER, base)  # outside the device context: schedulers keep CPU tensors
     with torch.device(device):
         torch.manual_seed(0)
         parts: dict[str, Any] = {"unet": diffusers.UNet2DConditionModel(**unet_cfg),
-                                 "vae": diffusers.AutoencoderKL(**vae_cfg),
-                                 "scheduler": build_scheduler(SCHEDULER, base)}
+                                 "vae": diffusers.AutoencoderKL(**vae_cfg), "scheduler": scheduler}
         for i, (name, cls, pad) in enumerate(texts):
             suffix = "" if i == 0 else "_2"
             cfg = {**bundled_config(name), **(TOY_TEXT if toy else {})}

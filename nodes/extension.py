@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+from .eval import SelmaEvaluate
 from .filter import SelmaFilterDataset, SelmaLoadClip, SelmaReviewDataset
 from .glue import ComfyExtension, add_routes, io, register_folders
+from .merge import SelmaApplyExperts, SelmaLoraBridge, SelmaMergeExperts
 from .prompts import SelmaCustomSkill, SelmaGeneratePrompts, SelmaLLM, SelmaSkill
 from .render import SelmaAppendToDataset, SelmaLoadModel, SelmaRenderDataset
 from .routes import register_routes
 from .skills import SelmaListSkills
+from .train import SelmaTrainExperts
 
 #: Every node of the pack, in menu order. Append only: ids are permanent (saved workflows use them).
 NODES: list[type[io.ComfyNode]] = [
@@ -23,6 +26,11 @@ NODES: list[type[io.ComfyNode]] = [
     SelmaLoadClip,
     SelmaFilterDataset,
     SelmaReviewDataset,
+    SelmaTrainExperts,
+    SelmaEvaluate,
+    SelmaMergeExperts,
+    SelmaApplyExperts,
+    SelmaLoraBridge,
 ]
 
 

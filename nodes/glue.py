@@ -22,7 +22,7 @@ import comfy.model_management as mm
 import comfy.utils
 import folder_paths
 
-__all__ = ["ComfyExtension", "io", "ui", "CATEGORY", "progress_callback", "interrupted", "raise_if_interrupted", "output_dir", "user_dir",
+__all__ = ["ComfyExtension", "io", "ui", "CATEGORY", "progress_callback", "interrupted", "raise_if_interrupted", "output_dir", "user_dir", "input_dir",
            "models_dir", "model_names", "model_path", "model_folders", "folder_models", "folder_model_path", "register_folders", "free_memory", "add_routes", "send_event"]
 
 log = logging.getLogger("selma")
@@ -44,6 +44,11 @@ def output_dir() -> Path:
 
 def user_dir() -> Path:
     return Path(folder_paths.get_user_directory())
+
+
+def input_dir() -> Path:
+    """ComfyUI's input folder (where users upload files: images, prompt lists)."""
+    return Path(folder_paths.get_input_directory())
 
 
 def model_names(folder: str) -> list[str]:
@@ -139,3 +144,57 @@ def send_event(event: str, data: dict) -> None:
     instance = getattr(PromptServer, "instance", None)
     if instance is not None:
         instance.send_sync(f"selma.{event}", data)
+
+
+# --- LoRA files (stage 5): ComfyUI's own loader and patching, nothing else ----------------------------------
+
+__all__ += ["loras_root", "lora_key_map", "load_lora_file", "apply_lora"]
+
+
+def loras_root() -> Path:
+    """The first ``loras`` folder (``models/loras``): where SELMA writes merged and converted LoRAs."""
+    folders = model_folders("loras")
+    if not folders:
+        raise ValueError("ComfyUI has no 'loras' model folder; check extra_model_paths.yaml")
+    return folders[0]
+
+
+def lora_key_map(model: object | None, clip: object | None) -> dict[str, str]:
+    """ComfyUI's LoRA key map for a MODEL and/or CLIP: LoRA module name -> model weight key (what its loader
+    matches a LoRA file's modules against; built exactly as ``comfy.sd.load_lora_for_models`` builds it)."""
+    import comfy.lora
+
+    key_map: dict[str, str] = {}
+    if model is not None:
+        comfy.lora.model_lora_keys_unet(model.model, key_map)  # type: ignore[attr-defined]
+    if clip is not None:
+        comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)  # type: ignore[attr-defined]
+    return dict(key_map)
+
+
+def load_lora_file(path: str | os.PathLike[str]) -> dict:
+    """A LoRA file's tensors as ComfyUI's LoraLoader reads them (safetensors only, no pickle)."""
+    return comfy.utils.load_torch_file(os.fspath(path), safe_load=True)
+
+
+def apply_lora(model: object | None, clip: object | None, lora: dict, strength_model: float,
+               strength_clip: float) -> tuple[object | None, object | None]:
+    """Patch (clones of) MODEL and CLIP with a LoRA through ComfyUI's own LoRA code, as LoraLoader does."""
+    import comfy.sd
+
+    return comfy.sd.load_lora_for_models(model, clip, lora, strength_model, strength_clip)
+
+
+# --- training (stage 4): a progress bar that also shows a picture (the loss curve) ---------------------
+
+__all__ += ["preview_progress"]
+
+
+def preview_progress(total: int) -> Callable[[int, int, object], None]:
+    """Like :func:`progress_callback`, plus an optional PIL image shown on the node (ComfyUI's preview)."""
+    bar = comfy.utils.ProgressBar(total)
+
+    def update(done: int, new_total: int, image: object = None) -> None:
+        bar.update_absolute(done, new_total, ("PNG", image, 512) if image is not None else None)
+
+    return update

@@ -23,6 +23,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": (".demo", "run the whole pipeline on embedded defaults, offline"),
     "render": (".render.cli", "stage 2: render a dataset from prompts (batched, resumable, shardable)"),
     "filter": (".filter.cli", "stage 3: CLIP-score a dataset and choose what to keep"),
+    "eval": (".eval.cli", "stage 6: render base and LoRAs with the same seeds, score them, report with CIs"),
+    "train": (".train.cli", "stage 4: train one LoRA expert per skill dataset (resumable, data-parallel)"),
+    "merge": (".merge.cli", "stage 5: merge LoRA experts into one file (linear, svd, ties, dare) and report its error"),
 }
 
 

@@ -16,8 +16,9 @@ from .fsio import atomic_write_json
 
 DEFAULT_SKILLS = ("countbench", "spatial")
 #: Stages the demo cannot run yet, shown so nobody mistakes the demo's end for the pipeline's.
-PENDING_STAGES = ("train (S4)", "merge (S5)", "evaluate (S6)")
-STEPS = 4  # stage count printed as [i/STEPS]
+PENDING_STAGES = ("merge (S5)", "evaluate (S6)")
+STEPS = 5  # stage count printed as [i/STEPS]
+TRAIN_STEPS = 20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,8 +56,9 @@ def run_demo(out: Path, skills: list[str], count: int, seed: int, say=print, *, 
         prompts[skill.id] = str(path)
     datasets = _render(out, models["sd1"], prompts, render_config, say)
     filtered = _filter(models["clip"], datasets, say)
+    experts = _train(out, models["sd1"], datasets, seed, say)
     manifest = {"models": {k: str(v) for k, v in models.items()}, "prompts": prompts, "datasets": datasets,
-                "filter": filtered, "pending_stages": list(PENDING_STAGES),
+                "filter": filtered, "experts": experts, "pending_stages": list(PENDING_STAGES),
                 "seconds": round(time.perf_counter() - start, 1)}
     atomic_write_json(out / "demo.json", manifest)
     return manifest
@@ -94,6 +96,22 @@ def _filter(clip: Path, datasets: dict[str, str], say) -> dict[str, dict]:
     return results
 
 
+def _train(out: Path, sd1: Path, datasets: dict[str, str], seed: int, say) -> dict[str, str]:
+    """Stage 4: one small LoRA expert per skill on the kept images (finished experts are kept on re-runs)."""
+    from .models.config import ModelConfig
+    from .train import TrainConfig, train_experts
+
+    config = TrainConfig(rank=8, alpha=8, steps=TRAIN_STEPS, batch_size=4, grad_accum=1, resolution=64,
+                         checkpoint_every=10, seed=seed, lr=1e-3)
+    say(f"[5/{STEPS}] train {len(datasets)} experts ({TRAIN_STEPS} steps each) → {out / 'experts'}")
+    results = train_experts(ModelConfig(path=str(sd1)), list(datasets.values()), out / "experts", config,
+                            names=list(datasets), resume=True)
+    for r in results:
+        state = "already trained" if r.skipped else f"final loss {r.final_loss:.4f}, {r.samples_per_s:.1f} samples/s"
+        say(f"      {r.name}: {r.samples} images, {state}")
+    return {r.name: str(r.path) for r in results}
+
+
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     skills = [s.strip() for s in args.skills.split(",") if s.strip()]
@@ -107,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
     for skill, path in manifest["datasets"].items():
         kept = manifest["filter"][skill]
         print(f"  dataset  {skill:<12} {path}  (kept {kept['kept']}/{kept['total']} after CLIP filtering)")
+    for skill, path in manifest["experts"].items():
+        print(f"  expert   {skill:<12} {path}")
     print(f"  manifest              {out / 'demo.json'}")
     print("Not built yet (later stages): " + ", ".join(PENDING_STAGES))
     return 0

@@ -167,3 +167,19 @@ def test_defaults_are_the_papers_recipe():
     xl = c.resolved("sdxl")
     assert (xl.steps, xl.resolution, xl.effective_batch) == (10000, 1024, 32)
     assert tiny_config().resolved("sdxl").steps == 4  # explicit values win
+
+
+def test_optimizer_and_schedule_registries_match_the_config_choices():
+    from selma_backend.train.config import LR_SCHEDULES, OPTIMIZERS
+    from selma_backend.train.loop import OPTIMIZER_REGISTRY, make_optimizer, make_schedule
+
+    assert tuple(OPTIMIZER_REGISTRY.names()) == OPTIMIZERS
+    p = torch.nn.Parameter(torch.zeros(3))
+    if not torch.cuda.is_available():
+        with pytest.raises(SelmaError, match="adamw8bit"):
+            make_optimizer([p], TrainConfig(optimizer="adamw8bit"))
+    for name in LR_SCHEDULES:
+        opt = make_optimizer([p], TrainConfig(lr=1.0))
+        sched = make_schedule(opt, TrainConfig(lr=1.0, lr_schedule=name, warmup_steps=2, steps=10))
+        first = sched.get_last_lr()[0]
+        assert first == (0.0 if name != "constant" else 1.0), name  # warm-up starts at 0 where the schedule has one

@@ -202,3 +202,40 @@ def test_text_encoder_lora_and_peft_export(sd1, datasets, tmp_path):
     assert r.cache["text_encoded"] == 0  # a trained text encoder cannot use cached text
     sd1.pipe.load_lora_weights(r.path, adapter_name="peft")
     sd1.pipe.delete_adapters("peft")
+
+
+def test_a_model_loaded_under_inference_mode_still_trains(tiny_models, datasets, tmp_path):
+    """ComfyUI runs nodes under torch.inference_mode: weights made there cannot be saved for backward."""
+    with torch.inference_mode():
+        lp = load_pipeline(ModelConfig(str(tiny_models["sd1"])))
+        try:
+            r = train_experts(lp, datasets[1:], tmp_path, tiny_config(steps=1), cache_root=tmp_path / "c")[0]
+        finally:
+            lp.release()
+    assert r.steps == 1 and Path(r.path).is_file()
+
+
+def test_resume_skips_only_an_expert_made_from_the_same_data_and_settings(sd1, datasets, tmp_path):
+    cfg = tiny_config(steps=2)
+    first = train_experts(sd1, datasets[1:], tmp_path, cfg, cache_root=tmp_path / "c")[0]
+    assert train_experts(sd1, datasets[1:], tmp_path, cfg, cache_root=tmp_path / "c", resume=True)[0].skipped
+    other = tiny_config(steps=3)
+    with pytest.raises(SelmaError, match="other data or settings"):
+        train_experts(sd1, datasets[1:], tmp_path, other, cache_root=tmp_path / "c", resume=True)
+    assert load_lora(first.path)[0]  # untouched
+    again = train_experts(sd1, datasets[1:], tmp_path, other, cache_root=tmp_path / "c", resume=True, overwrite=True)[0]
+    assert not again.skipped and again.steps == 3
+    assert provenance(load_lora(again.path)[1])["steps"] == 3
+
+
+def test_text_encoder_lora_in_kohya_layout_loads_in_diffusers(sd1, datasets, tmp_path):
+    cfg = tiny_config(steps=1, text_encoder_lora=True)
+    r = train_experts(sd1, datasets[1:], tmp_path, cfg, cache_root=tmp_path / "c")[0]
+    tensors, _ = load_lora(r.path)
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_out_proj") for k in tensors)
+    base = _render(sd1.pipe)
+    sd1.pipe.load_lora_weights(r.path, adapter_name="te")
+    try:
+        assert float(abs(_render(sd1.pipe) - base).max()) > 0
+    finally:
+        sd1.pipe.delete_adapters("te")

@@ -15,6 +15,9 @@ from typing import Protocol
 class ChatMessage:
     role: str  # "system" | "user" | "assistant"
     content: str
+    #: Encoded PNG images shown with ``content`` (vision-language models; stage 6's question score).
+    #: Only backends that can see images accept them; the others raise ``LLMError``.
+    images: tuple[bytes, ...] = ()
 
 
 class ChatBackend(Protocol):

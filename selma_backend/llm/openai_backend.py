@@ -14,6 +14,7 @@ error messages and log lines carry its origin at most, and server text is redact
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import logging
 import random
@@ -82,7 +83,7 @@ class OpenAIChatBackend:
         client = self._require_open()
         payload: dict[str, object] = {
             "model": self.config.model,
-            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "messages": [wire_message(m) for m in messages],
             "temperature": temperature,
             "top_p": self.config.top_p,
         }
@@ -204,6 +205,19 @@ class OpenAIChatBackend:
 
     def _redact(self, text: str) -> str:
         return redact(text, self._secret)
+
+
+def wire_message(m: ChatMessage) -> dict[str, object]:
+    """One message in the OpenAI wire format; with images, the vision form: a text part, then one
+    ``image_url`` part per image as a ``data:image/png;base64,...`` URL (what OpenAI, vLLM, Ollama and
+    llama.cpp servers accept)."""
+    if not m.images:
+        return {"role": m.role, "content": m.content}
+    parts: list[dict[str, object]] = [{"type": "text", "text": m.content}]
+    for png in m.images:
+        url = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+        parts.append({"type": "image_url", "image_url": {"url": url}})
+    return {"role": m.role, "content": parts}
 
 
 def _reply_text(reply: object) -> tuple[str | None, _Failure]:

@@ -85,6 +85,9 @@ class TransformersChatBackend:
             raise invalid("temperature", temperature, "a number >= 0 (0 = greedy)")
         if max_tokens < 1:
             raise invalid("max_tokens", max_tokens, "an integer >= 1")
+        if any(m.images for m in messages):
+            raise LLMError(f"{self.source}: this backend reads text only; images need an OpenAI-compatible "
+                           "vision-language server (backend 'openai')")
         inputs = self._tokenizer.apply_chat_template(
             [{"role": m.role, "content": m.content} for m in messages],
             add_generation_prompt=True, return_tensors="pt", return_dict=True, **self._template_kwargs,

@@ -31,10 +31,11 @@ from ..errors import invalid
 from ..fsio import atomic_write_bytes
 from .names import LoraArch, NameMap
 
-Layout = Literal["kohya", "peft"]
+Layout = Literal["kohya", "peft", "comfy"]
 KOHYA_DOWN, KOHYA_UP, KOHYA_ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
 PEFT_A, PEFT_B = ".lora_A.weight", ".lora_B.weight"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMFY_PREFIXES = ("diffusion_model.", "text_encoders.")  # ComfyUI-native names (its LoraSave / trainer write these)
 PROVENANCE_KEY = "selma.provenance"
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' loaders/lora_base.py LORA_ADAPTER_METADATA_KEY
 
@@ -67,16 +68,18 @@ def peft_to_kohya(
     arch: LoraArch,
     alpha_by_module: Mapping[str, float] | float,
     default_component: str = "unet",
+    names: NameMap | None = None,
 ) -> dict[str, torch.Tensor]:
     """PEFT/diffusers LoRA tensors -> kohya layout (tensors shared, not copied).
 
     ``state_dict`` keys are ``[component.]module.lora_A.weight`` / ``.lora_B.weight`` (keys without a
     component prefix, as ``get_peft_model_state_dict(unet)`` gives, belong to ``default_component``).
     ``alpha_by_module``: one ``lora_alpha`` for every module, or ``{"unet.module": alpha, ...}``.
+    ``names``: a ready :class:`NameMap` of ``arch`` (e.g. one :meth:`NameMap.extended` with more modules).
     """
     if default_component not in COMPONENTS:
         raise invalid("default_component", default_component, COMPONENTS)
-    names = NameMap(arch)
+    names = names or NameMap(arch)
     out: dict[str, torch.Tensor] = {}
     for module, (a, b) in _peft_pairs(state_dict, default_component).items():
         if isinstance(alpha_by_module, Mapping):
@@ -92,13 +95,13 @@ def peft_to_kohya(
 
 
 def kohya_to_peft(
-    state_dict: Mapping[str, torch.Tensor], *, arch: LoraArch
+    state_dict: Mapping[str, torch.Tensor], *, arch: LoraArch, names: NameMap | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """kohya layout -> (diffusers/PEFT tensors with component prefixes, ``alpha_by_module``).
 
     A module without ``.alpha`` gets ``alpha = r`` (kohya's reading). Exact inverse of :func:`peft_to_kohya`.
     """
-    names = NameMap(arch)
+    names = names or NameMap(arch)
     tensors: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
     for kohya, parts in _group(state_dict, (KOHYA_DOWN, KOHYA_UP, KOHYA_ALPHA)).items():
@@ -136,15 +139,20 @@ def _group(state_dict: Mapping[str, torch.Tensor], suffixes: tuple[str, ...]) ->
 
 
 def detect_layout(keys: Mapping[str, Any] | list[str]) -> Layout:
-    """``kohya`` (``lora_*`` names with ``lora_down``/``lora_up``/``alpha``) or ``peft`` (``lora_A``/``lora_B``)."""
+    """``kohya`` (``lora_*`` names with ``lora_down``/``lora_up``/``alpha``), ``comfy`` (the same suffixes on
+    ComfyUI's own names ``diffusion_model.*`` / ``text_encoders.*``) or ``peft`` (``lora_A``/``lora_B``)."""
     keys = list(keys)
-    if keys and all(k.startswith("lora_") and k.endswith((KOHYA_DOWN, KOHYA_UP, KOHYA_ALPHA)) for k in keys):
+    kohya_suffixes = (KOHYA_DOWN, KOHYA_UP, KOHYA_ALPHA)
+    if keys and all(k.startswith("lora_") and k.endswith(kohya_suffixes) for k in keys):
         return "kohya"
+    if keys and all(k.startswith(COMFY_PREFIXES) and k.endswith(kohya_suffixes) for k in keys):
+        return "comfy"
     if keys and all(k.endswith((PEFT_A, PEFT_B)) for k in keys):
         return "peft"
     odd = next((k for k in keys if not k.endswith((KOHYA_DOWN, KOHYA_UP, KOHYA_ALPHA, PEFT_A, PEFT_B))), None)
     raise invalid("LoRA keys", odd if odd is not None else keys[:3],
-                  "all kohya (lora_*.lora_down.weight/.lora_up.weight/.alpha) or all PEFT (*.lora_A.weight/.lora_B.weight)",
+                  "all kohya (lora_*.lora_down.weight/.lora_up.weight/.alpha), all ComfyUI-native "
+                  "(diffusion_model.*/text_encoders.* with the same suffixes) or all PEFT (*.lora_A.weight/.lora_B.weight)",
                   "is this a LoRA file, and one layout only?")
 
 

@@ -14,6 +14,7 @@ direction inverts the forward table of every module the UNet has: no guessing.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -153,6 +154,19 @@ class NameMap:
         self._unet_back = {k: d for d, k in self._unet.items()}
         self._te = arch.text_prefixes
         self._te_back = {p: c for c, p in self._te.items()}
+        self.ldm = unet_module_map(arch)  # diffusers UNet module -> LDM module
+
+    def extended(self, other: NameMap) -> NameMap:
+        """This map plus the UNet modules only ``other`` knows (where both name a module, this map wins).
+
+        For a base model whose smaller test UNets have attention where the full model has none."""
+        if other.arch.base != self.arch.base or other.arch.ldm_unet_names != self.arch.ldm_unet_names:
+            raise invalid("other", other.arch.base, f"a NameMap of {self.arch.base} with the same UNet name style")
+        new = copy.copy(self)
+        new._unet = {**other._unet, **self._unet}
+        new._unet_back = {**{k: d for d, k in other._unet.items()}, **self._unet_back}
+        new.ldm = {**other.ldm, **self.ldm}
+        return new
 
     def to_kohya(self, name: str) -> str:
         """``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`` -> ``lora_unet_down_blocks_0_...``.

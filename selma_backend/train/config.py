@@ -25,8 +25,12 @@ PRESETS.add("full", (*PRESETS.get("attn+ff"), "proj_in", "proj_out", "conv1", "c
 #: Text-encoder LoRA targets (HF CLIPTextModel), used when ``text_encoder_lora`` is on.
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
-LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")  # diffusers.optimization names
-OPTIMIZERS = ("adamw", "adamw8bit")
+#: Learning-rate schedules: our name -> diffusers.optimization.get_scheduler name (warm-up from ``warmup_steps``).
+LR_SCHEDULE_REGISTRY: Registry[str] = Registry("lr_schedule")
+for _name in ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"):
+    LR_SCHEDULE_REGISTRY.add(_name, _name)
+LR_SCHEDULES = tuple(LR_SCHEDULE_REGISTRY.names())
+OPTIMIZERS = ("adamw", "adamw8bit")  # implementations: loop.OPTIMIZER_REGISTRY
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")  # auto: bf16 on cuda if supported, else fp16 on cuda, no on cpu
 FLIP_MODES = ("skill", "never", "allow", "swap_left_right")  # skill: each skill's own flip policy
 SCORE_WEIGHTING = ("none", "clip")

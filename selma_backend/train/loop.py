@@ -25,10 +25,11 @@ import torch.nn.functional as F
 
 from ..errors import SelmaError
 from ..fsio import atomic_write_bytes, atomic_write_text
+from ..registry import Registry
 from ..render.shard import Shard
 from . import checkpoint as ckpt
 from .cache import FeatureCache
-from .config import TrainConfig
+from .config import LR_SCHEDULE_REGISTRY, TrainConfig
 from .data import Sample, View, epoch_batches, loss_weights
 from .encode import add_time_ids, encode_text
 from .plot import grid, loss_plot, png_bytes
@@ -97,23 +98,36 @@ def clip_gradients(params: Sequence[torch.nn.Parameter], max_norm: float) -> flo
     return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
 
 
-def make_optimizer(params: Sequence[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
-    if config.optimizer == "adamw8bit":
-        if not torch.cuda.is_available():
-            raise SelmaError("optimizer='adamw8bit' needs CUDA (bitsandbytes' 8-bit AdamW runs on NVIDIA GPUs); use 'adamw'")
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise SelmaError("optimizer='adamw8bit' needs the bitsandbytes package: pip install bitsandbytes "
-                             "(or use 'adamw')") from e
-        return bnb.optim.AdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
+def _adamw(params: Sequence[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _adamw8bit(params: Sequence[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    if not torch.cuda.is_available():
+        raise SelmaError("optimizer: got 'adamw8bit'; allowed here: 'adamw'. bitsandbytes' 8-bit AdamW runs on "
+                         "NVIDIA GPUs only and this machine has no CUDA device")
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise SelmaError("optimizer: got 'adamw8bit', which needs the bitsandbytes package: pip install bitsandbytes "
+                         "(or use 'adamw')") from e
+    return bnb.optim.AdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+#: Optimizers: name -> factory(params, config). The config's choices are these names.
+OPTIMIZER_REGISTRY: Registry[Callable[[Sequence[torch.nn.Parameter], TrainConfig], torch.optim.Optimizer]] = Registry("optimizer")
+OPTIMIZER_REGISTRY.add("adamw", _adamw)
+OPTIMIZER_REGISTRY.add("adamw8bit", _adamw8bit)
+
+
+def make_optimizer(params: Sequence[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    return OPTIMIZER_REGISTRY.get(config.optimizer)(params, config)
 
 
 def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig) -> Any:
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=config.warmup_steps,
+    return get_scheduler(LR_SCHEDULE_REGISTRY.get(config.lr_schedule), optimizer, num_warmup_steps=config.warmup_steps,
                          num_training_steps=config.steps)
 
 
@@ -208,6 +222,7 @@ class _Loop:
 
     def step(self) -> float:
         cfg, shard = self.cfg, self.run.shard
+        start = time.perf_counter()
         gen = torch.Generator().manual_seed(mix(cfg.seed, self.pos.step))
         torch.manual_seed(mix(cfg.seed, self.pos.step, shard.rank + 1))  # dropout
         total = torch.zeros(())
@@ -232,7 +247,8 @@ class _Loop:
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.pos.step += 1
-        self.log.append({"step": self.pos.step, "loss": loss, "lr": self.schedule.get_last_lr()[0], "grad_norm": norm})
+        self.log.append({"step": self.pos.step, "loss": loss, "lr": self.schedule.get_last_lr()[0], "grad_norm": norm,
+                         "seconds": time.perf_counter() - start})
         return loss
 
     # -- outputs -------------------------------------------------------------------------------
@@ -241,7 +257,7 @@ class _Loop:
         if not self.run.shard.is_main:
             return
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=["step", "loss", "lr", "grad_norm"], lineterminator="\n")
+        writer = csv.DictWriter(buf, fieldnames=["step", "loss", "lr", "grad_norm", "seconds"], lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.log)
         atomic_write_text(self.run.work_dir / "loss.csv", buf.getvalue())

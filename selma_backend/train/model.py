@@ -70,10 +70,12 @@ def lora_modules(pipe: Any) -> list[tuple[str, torch.nn.Module]]:
     """``("<component>.<module path>", layer)`` for every layer carrying our adapter."""
     out = []
     for component, model in (("unet", pipe.unet), *text_encoders(pipe).items()):
+        # transformers 5 flattened CLIPTextModel (no ``text_model.`` level); LoRA files keep the classic names
+        prefix = "" if component == "unet" or hasattr(model, "text_model") else "text_model."
         for name, m in model.named_modules():
             lora_a = getattr(m, "lora_A", None)
             if isinstance(lora_a, torch.nn.ModuleDict) and ADAPTER in lora_a:
-                out.append((f"{component}.{name}", m))
+                out.append((f"{component}.{prefix}{name}", m))
     return out
 
 
@@ -131,7 +133,10 @@ def export_lora(pipe: Any, arch: str, path: str | os.PathLike[str], config: Trai
         modules: dict[str, set[str]] = {}
         for key in state:
             component, rest = key.split(".", 1)
-            modules.setdefault(component, set()).add(rest.rsplit(".lora_", 1)[0])
+            module = rest.rsplit(".lora_", 1)[0]
+            if component != "unet":  # PEFT matches names in the live model (transformers 5: no text_model.)
+                module = module.split(".", 1)[1] if module.startswith("text_model.") else module
+            modules.setdefault(component, set()).add(module)
         meta.update(diffusers_metadata({c: {"r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
                                             "target_modules": sorted(m)} for c, m in modules.items()}))
     return save_lora(path, tensors, meta, overwrite=overwrite)

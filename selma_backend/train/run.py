@@ -19,6 +19,7 @@ import torch
 
 from .. import __version__
 from ..errors import SelmaError, invalid
+from ..lora.format import provenance
 from ..models.base import LoadedPipeline
 from ..models.config import ModelConfig
 from ..paths import slug
@@ -147,6 +148,8 @@ def _train_all(lp: LoadedPipeline, experts: list[Expert], config: TrainConfig, c
                should_stop: ShouldStop | None) -> list[ExpertResult]:
     pipe = lp.pipe
     _place(pipe, shard)
+    for module in (pipe.unet, pipe.vae, *text_encoders(pipe).values()):
+        leave_inference_mode(module)
     wdtype = weight_dtype(config, pipe.unet.device)
     for module in (pipe.unet, *text_encoders(pipe).values()):
         if module.dtype != wdtype:
@@ -155,12 +158,12 @@ def _train_all(lp: LoadedPipeline, experts: list[Expert], config: TrainConfig, c
     total = config.steps * len(experts)
     results: list[ExpertResult] = []
     for k, e in enumerate(experts):
-        if resume and e.out.exists():
+        if resume and e.out.exists() and _same_run(e, config, e.out):
             results.append(ExpertResult(e.name, str(e.dataset), str(e.out), config.steps, False, True, len(e.samples),
                                         0.0, str(e.work_dir), _plot(e), None))
             continue
-        if overwrite and not resume and shard.is_main:
-            shutil.rmtree(e.work_dir / "checkpoints", ignore_errors=True)
+        if shard.is_main:
+            _clear_other_runs(e, config, resume, overwrite)
         shard.barrier()
         if shard.is_main:
             cache.fill(pipe, lp.arch, e.samples, text=not config.text_encoder_lora)
@@ -194,7 +197,7 @@ def _train_one(lp: LoadedPipeline, e: Expert, config: TrainConfig, cache: Featur
                     "samples": len(e.samples), "base_model": Path(lp.source).name, "base_model_sha256": lp.model_hash,
                     "arch": lp.arch, "prediction_type": lp.prediction_type, "steps": res.steps,
                     "config": config.to_dict(), "selma_version": __version__, "kind": "expert"}
-            path = str(export_lora(pipe, lp.arch, e.out, config, prov, overwrite=resume or overwrite))
+            path = str(export_lora(pipe, lp.arch, e.out, config, prov, overwrite=overwrite))
         shard.barrier()
     finally:
         if config.gradient_checkpointing:
@@ -205,9 +208,56 @@ def _train_one(lp: LoadedPipeline, e: Expert, config: TrainConfig, cache: Featur
                         res.samples_per_s, str(e.work_dir), _plot(e), final, dict(cache.stats))
 
 
+def _same_run(e: Expert, config: TrainConfig, out: Path | None) -> bool:
+    """Whether the finished file ``out`` (or, with None, the newest checkpoint) was made from this
+    dataset with this config. For a file, also False when it has no SELMA provenance."""
+    if out is None:
+        snap = ckpt.checkpoints(e.work_dir)
+        if not snap:
+            return False
+        import json
+
+        state = json.loads((snap[-1] / "state.json").read_text(encoding="utf-8"))
+        return state.get("config") == config.to_dict()
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as f:
+        prov = provenance(f.metadata() or {})
+    return prov.get("dataset_sha256") == dataset_hash(e.samples) and prov.get("config") == config.to_dict()
+
+
+def _clear_other_runs(e: Expert, config: TrainConfig, resume: bool, overwrite: bool) -> None:
+    """Before training ``e``: a finished file or checkpoints of a *different* run are an error, unless
+    ``overwrite`` (then the checkpoints go; the file is replaced at export)."""
+    other_file = e.out.exists() and (not resume or not _same_run(e, config, e.out))
+    has_ckpt = bool(ckpt.checkpoints(e.work_dir))
+    other_ckpt = has_ckpt and (not resume or not _same_run(e, config, None))
+    if (other_file or other_ckpt) and not overwrite:
+        what = e.out if other_file else e.work_dir / "checkpoints"
+        raise SelmaError(f"{what} comes from a run with other data or settings; an expert is never overwritten "
+                         "silently. Pass overwrite (--overwrite) to train it again from scratch, or use another output folder")
+    if other_ckpt or (overwrite and not resume):
+        shutil.rmtree(e.work_dir / "checkpoints", ignore_errors=True)
+
+
 def _plot(e: Expert) -> str | None:
     p = e.work_dir / "loss.png"
     return str(p) if p.is_file() else None
+
+
+def leave_inference_mode(module: torch.nn.Module) -> int:
+    """Replace weights created under ``torch.inference_mode`` (ComfyUI runs nodes in it) by normal copies,
+    which autograd may save for backward; returns how many were replaced."""
+    n = 0
+    with torch.inference_mode(False):
+        for m in module.modules():
+            for store in (m._parameters, m._buffers):
+                for name, t in store.items():
+                    if t is not None and t.is_inference():
+                        copy = t.detach().clone()
+                        store[name] = torch.nn.Parameter(copy, requires_grad=t.requires_grad) if store is m._parameters else copy
+                        n += 1
+    return n
 
 
 def _place(pipe: Any, shard: Shard) -> None:

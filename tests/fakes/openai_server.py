@@ -247,7 +247,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(404, _error_obj(msg, "model_not_found"))
             return
         reply = self.state.reply
-        content = reply if isinstance(reply, str) else reply(request)
+        try:
+            content = reply if isinstance(reply, str) else reply(request)
+        except Exception as e:  # noqa: BLE001 - a reply function refusing the request: the client sees a 500
+            self._send_json(500, _error_obj(f"the fake could not answer: {type(e).__name__}: {e}", None))
+            return
         self._send_json(200, _completion(request, content))
 
     # -- helpers
