@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from .errors import invalid
-from .fsio import atomic_write_json
+from .fsio import atomic_write_json, sha256_file
 
 DEFAULT_SKILLS = ("countbench", "spatial")
 #: Stages the demo cannot run yet, shown so nobody mistakes the demo's end for the pipeline's.
-PENDING_STAGES = ("merge (S5)", "evaluate (S6)")
-STEPS = 5  # stage count printed as [i/STEPS]
+PENDING_STAGES: tuple[str, ...] = ()
+STEPS = 7  # stage count printed as [i/STEPS]
 TRAIN_STEPS = 20
 
 
@@ -57,8 +58,11 @@ def run_demo(out: Path, skills: list[str], count: int, seed: int, say=print, *, 
     datasets = _render(out, models["sd1"], prompts, render_config, say)
     filtered = _filter(models["clip"], datasets, say)
     experts = _train(out, models["sd1"], datasets, seed, say)
+    merged = _merge(out, experts, say)
+    report = _evaluate(out, models, prompts, experts, merged, render_config, seed, say)
     manifest = {"models": {k: str(v) for k, v in models.items()}, "prompts": prompts, "datasets": datasets,
-                "filter": filtered, "experts": experts, "pending_stages": list(PENDING_STAGES),
+                "filter": filtered, "experts": experts, "merged": merged, "report": report,
+                "pending_stages": list(PENDING_STAGES),
                 "seconds": round(time.perf_counter() - start, 1)}
     atomic_write_json(out / "demo.json", manifest)
     return manifest
@@ -105,11 +109,52 @@ def _train(out: Path, sd1: Path, datasets: dict[str, str], seed: int, say) -> di
                          checkpoint_every=10, seed=seed, lr=1e-3)
     say(f"[5/{STEPS}] train {len(datasets)} experts ({TRAIN_STEPS} steps each) → {out / 'experts'}")
     results = train_experts(ModelConfig(path=str(sd1)), list(datasets.values()), out / "experts", config,
-                            names=list(datasets), resume=True)
+                            names=list(datasets), resume=True, overwrite=True)  # retrained only if its data changed
     for r in results:
         state = "already trained" if r.skipped else f"final loss {r.final_loss:.4f}, {r.samples_per_s:.1f} samples/s"
         say(f"      {r.name}: {r.samples} images, {state}")
     return {r.name: str(r.path) for r in results}
+
+
+def _merge(out: Path, experts: dict[str, str], say) -> dict:
+    """Stage 5: the experts merged into one LoRA (SELMA's 1/N weights; exact ``linear``), with its error report."""
+    from .merge import MergeConfig, merge_files
+
+    target = out / "merged" / "merged-linear.safetensors"
+    say(f"[6/{STEPS}] merge {len(experts)} experts (linear, weights 1/N) → {target}")
+    if target.exists() and _merged_from(target) == {sha256_file(p) for p in experts.values()}:
+        say("      already merged from these experts")
+        return {"path": str(target)}
+    report = merge_files(list(experts.values()), target, MergeConfig(method="linear"), overwrite=True)
+    say(f"      rank {report.rank}, relative error {report.error:.1e} (exact up to float rounding)")
+    return {"path": str(target), "rank": report.rank, "error": report.error}
+
+
+def _merged_from(path: Path) -> set[str]:
+    from safetensors import safe_open
+
+    from .lora.format import provenance
+
+    with safe_open(str(path), framework="pt") as f:
+        return {src.get("sha256", "") for src in provenance(f.metadata() or {}).get("sources", [])}
+
+
+def _evaluate(out: Path, models: dict, prompts: dict[str, str], experts: dict[str, str], merged: dict, render_config,
+              seed: int, say) -> str:
+    """Stage 6: base vs each expert vs the merge on held-out prompts (same seeds), CLIP score, report."""
+    from .eval import EvalConfig, PromptSpec, evaluate, next_run_dir
+    from .filter import ScorerConfig
+    from .models.config import ModelConfig
+
+    target = next_run_dir(out, "report")
+    say(f"[7/{STEPS}] evaluate base, {len(experts)} experts and the merge on held-out prompts → {target}")
+    spec = PromptSpec(heldout_skills=tuple(prompts), heldout_count=4, heldout_seed=seed + 1000,
+                      train_prompts=tuple(prompts.values()))
+    config = EvalConfig(render=replace(render_config, images_per_prompt=1), resamples=500)
+    report = evaluate(ModelConfig(path=str(models["sd1"])), [*experts.values(), merged["path"]], spec,
+                      ScorerConfig(path=str(models["clip"])), target, config)
+    say("      " + report.table.replace("\n", "\n      "))
+    return str(Path(report.out_dir) / "index.html")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -127,6 +172,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"  dataset  {skill:<12} {path}  (kept {kept['kept']}/{kept['total']} after CLIP filtering)")
     for skill, path in manifest["experts"].items():
         print(f"  expert   {skill:<12} {path}")
+    print(f"  merged                {manifest['merged']['path']}")
+    print(f"  report                {manifest['report']}")
     print(f"  manifest              {out / 'demo.json'}")
-    print("Not built yet (later stages): " + ", ".join(PENDING_STAGES))
+    if PENDING_STAGES:
+        print("Not built yet (later stages): " + ", ".join(PENDING_STAGES))
     return 0

@@ -28,6 +28,15 @@ def test_demo_writes_every_artefact_offline_and_resumes(tmp_path):
         assert len(images) == 24 and all(isinstance(r["clip_score"], float) for r in images)
         assert sum(r["keep"] for r in images) == 12 == manifest["filter"][skill]["kept"]  # best of 2 per prompt
         assert Path(manifest["filter"][skill]["histogram"]).is_file()
+    from selma_backend.lora.format import load_lora, provenance
+
+    for skill in ("countbench", "product"):
+        tensors, meta = load_lora(manifest["experts"][skill])
+        assert provenance(meta)["skill"] == skill and tensors
+    merged = provenance(load_lora(manifest["merged"]["path"])[1])
+    assert merged["config"]["method"] == "linear" and len(merged["sources"]) == 2
+    assert Path(manifest["report"]).name == "index.html" and Path(manifest["report"]).is_file()
+    assert manifest["pending_stages"] == []
     before = Path(manifest["prompts"]["countbench"]).read_bytes()
     again = subprocess.run(cmd[:-3] + ["16", "--skills", "countbench,product"], capture_output=True,
                            text=True, env=env, timeout=600)
@@ -35,6 +44,8 @@ def test_demo_writes_every_artefact_offline_and_resumes(tmp_path):
     assert "skipped" in again.stdout and "8 rendered, 24 already there" in again.stdout  # resumed, not redone
     after = Path(manifest["prompts"]["countbench"]).read_bytes()
     assert after.startswith(before) and len(read_jsonl(manifest["prompts"]["countbench"])) == 16
+    assert "already trained" not in again.stdout  # the data grew: the experts were trained again
+    assert "already merged" not in again.stdout and "report-002" in again.stdout  # a new report, the old one kept
 
 
 def test_demo_rejects_an_unknown_skill_before_doing_anything(tmp_path):
