@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -117,10 +118,12 @@ def model_only(scorer: Any, n: int, batch: int) -> dict[str, float]:
     return {"ours": round(rates[batch], 2), "reference": round(rates[1], 2), "ratio": round(rates[batch] / rates[1], 2)}
 
 
-def run(quick: bool) -> dict[str, Any]:
+def run(quick: bool, repeats: int | None = None, tiny: bool = False) -> dict[str, Any]:
+    """``repeats``: alternate reference and ours that many times, medians reported (default: once
+    each); ``tiny``: 8 images, batch 4 (tests)."""
     import torch
 
-    n, batch = (96, 32) if quick else (256, 64)
+    n, batch = (8, 4) if tiny else (96, 32) if quick else (256, 64)
     load_before = os.getloadavg()[0]  # other processes on the cores distort batch-1 timings badly (OpenMP waits)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model(Path(tmp) / "clip")
@@ -128,13 +131,17 @@ def run(quick: bool) -> dict[str, Any]:
         with load_scorer(ScorerConfig(str(model_dir), batch_size=batch, device="cpu")) as scorer:
             reference(scorer, paths[:4])  # warm-up both paths
             embed_files(scorer, paths[:batch])
-            ref = reference(scorer, paths)
-            our = ours(scorer, paths)
+            refs, ourss = [], []
+            for _ in range(repeats or 1):
+                refs.append(reference(scorer, paths))
+                ourss.append(ours(scorer, paths))
+            ref, our = statistics.median(refs), statistics.median(ourss)
             forward = model_only(scorer, n, batch)
     return {"ours": round(our, 2), "reference": round(ref, 2), "unit": "images/s", "ratio": round(our / ref, 2),
             "images": n, "batch_size": batch, "image_size": 512, "model": "ViT-B-32-shaped (4 layers, width 384)",
             "device": "cpu", "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "quick": quick, "model_only": forward, "loadavg_before": round(load_before, 2),
-            "measured": "end to end from 512 px PNG files to unit embeddings, first (uncached) run"}
+            "measured": "end to end from 512 px PNG files to unit embeddings, first (uncached) run",
+            "repeats": repeats or 1, "ours_runs": ourss, "reference_runs": refs}
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -90,32 +91,47 @@ def _timed(fn: Callable[..., list[bool]], *args: list[str]) -> tuple[list[bool],
     return result, time.perf_counter() - t0
 
 
-def run(quick: bool = False) -> dict:
-    """Measure and print the table; return figures for bench/run.py (throughput in prompts/s)."""
-    n_ref = 300 if quick else 1000
-    n_big = 2000 if quick else 10_000
+def run(quick: bool = False, repeats: int | None = None, n: int | None = None, tiny: bool = False) -> dict:
+    """Measure and print the table; return figures for bench/run.py (throughput in prompts/s).
+
+    ``repeats``: alternate reference and ours that many times and report the medians (default: one
+    of each); ``n``: candidates compared (default 300 with ``quick``, else 1,000); ``tiny``: 100
+    candidates and 300 for ours alone (tests).
+    """
+    n_ref = n or (100 if tiny else 300 if quick else 1000)
+    n_big = 300 if tiny else 2000 if quick else 10_000
     rows = []
     seeds, cands = workload(n_ref)
-    ref, t_ref = _timed(reference_keep, seeds, cands)
-    ours, t_ours = _timed(ours_keep, seeds, cands)
-    rows.append((n_ref, t_ref, t_ours, ours == ref, sum(ours)))
+    t_refs, t_ourss, same = [], [], True
+    for _ in range(repeats or 1):
+        ref, t_ref = _timed(reference_keep, seeds, cands)
+        ours, t_ours = _timed(ours_keep, seeds, cands)
+        t_refs.append(t_ref)
+        t_ourss.append(t_ours)
+        same = same and ours == ref
+    t_ref, t_ours = statistics.median(t_refs), statistics.median(t_ourss)
+    rows.append((n_ref, t_ref, t_ours, same, sum(ours)))
     seeds_b, cands_b = workload(n_big)
     ours_b, t_big = _timed(ours_keep, seeds_b, cands_b)
     rows.append((n_big, None, t_big, None, sum(ours_b)))
-    print(f"ROUGE-L dedup, threshold {THRESHOLD}, pool starts with {len(seeds)} seeds; {os.cpu_count()} CPUs")
+    print(f"ROUGE-L dedup, threshold {THRESHOLD}, pool starts with {len(seeds)} seeds; {os.cpu_count()} CPUs"
+          + (f"; median of {repeats}" if repeats else ""))
     print(f"{'N':>7} {'kept':>6} {'reference s':>12} {'ours s':>9} {'ratio':>8} {'same_output':>12}")
-    for n, tr, to, same, kept in rows:
+    for n_, tr, to, same_, kept in rows:
         ref_s = "-" if tr is None else f"{tr:.2f}"
         ratio = "-" if tr is None else f"{tr / to:.0f}x"
-        print(f"{n:>7} {kept:>6} {ref_s:>12} {to:>9.3f} {ratio:>8} {'-' if same is None else str(same):>12}")
+        print(f"{n_:>7} {kept:>6} {ref_s:>12} {to:>9.3f} {ratio:>8} {'-' if same_ is None else str(same_):>12}")
     return {
         "ours": n_ref / t_ours,
         "reference": n_ref / t_ref,
         "unit": "prompts/s",
         "ratio": t_ref / t_ours,
-        "same_output": ours == ref,
+        "same_output": same,
         "n": n_ref,
         f"ours_{n_big}_s": t_big,
+        "repeats": repeats or 1,
+        "ours_s": t_ourss,
+        "reference_s": t_refs,
     }
 
 

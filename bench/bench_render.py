@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -113,11 +114,16 @@ def compare(a: Path, b: Path) -> dict:
     return {"max_level_diff": worst, "max_share_differing": round(share, 6)}
 
 
-def run(quick: bool = False, threads: int = 1) -> dict:
-    """Measure and print; return figures for bench/run.py (throughput in images/s)."""
+def run(quick: bool = False, threads: int = 1, repeats: int | None = None, tiny: bool = False) -> dict:
+    """Measure and print; return figures for bench/run.py (throughput in images/s).
+
+    ``repeats``: that many alternating rounds, reporting the median of each arm (default: the best of
+    1 round with ``quick``, of 2 otherwise); ``tiny``: 4 prompts, 2 steps (tests).
+    """
     import torch
 
-    n, steps, batch, rounds = (12, 8, 12, 1) if quick else (32, 20, 16, 2)
+    n, steps, batch, rounds = (4, 2, 4, 1) if tiny else (12, 8, 12, 1) if quick else (32, 20, 16, 2)
+    rounds, pick = (repeats, statistics.median) if repeats else (rounds, min)
     torch.set_num_threads(threads)
     rows = prompts(n)
     work = Path(tempfile.mkdtemp(prefix="selma-bench-render-"))
@@ -134,16 +140,17 @@ def run(quick: bool = False, threads: int = 1) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {
-        "ours": n / min(t_ours),
-        "reference": n / min(t_ref),
+        "ours": n / pick(t_ours),
+        "reference": n / pick(t_ref),
         "unit": "images/s",
-        "ratio": min(t_ref) / min(t_ours),
-        "ours_batch1": n / min(t_b1),
+        "ratio": pick(t_ref) / pick(t_ours),
+        "ours_batch1": n / pick(t_b1),
         "images": n, "steps": steps, "batch_size": batch, "size": "128x128", "cfg": CFG, "scheduler": SCHEDULER,
         "rounds": rounds, "torch_threads": threads, "cpus": os.cpu_count(), "same_output": same,
+        "statistic": pick.__name__, "ours_s": t_ours, "reference_s": t_ref,
     }
     print(f"render {n} images, SD1.5-layout UNet at reduced width, 128 px, {steps} steps, {SCHEDULER}, "
-          f"CFG {CFG}; torch threads {threads} of {os.cpu_count()} CPUs; best of {rounds}")
+          f"CFG {CFG}; torch threads {threads} of {os.cpu_count()} CPUs; {'best' if pick is min else 'median'} of {rounds}")
     print(f"  reference (1 prompt/call): {result['reference']:.2f} images/s")
     print(f"  ours, batch {batch}:         {result['ours']:.2f} images/s  ({result['ratio']:.2f}x)")
     print(f"  ours, batch 1:          {result['ours_batch1']:.2f} images/s")

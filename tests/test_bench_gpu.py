@@ -15,11 +15,13 @@ _spec.loader.exec_module(gpu)
 
 
 def test_toy_clip_part_writes_json_with_flop_share(tmp_path):
-    proc = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--toy", "--parts", "clip", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=180)
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--toy", "--parts", "render-sd15-compiled", "clip",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads((tmp_path / "gpu.json").read_text())
-    assert result["toy"] is True and list(result["parts"]) == ["clip"]
+    assert result["parts"]["render-sd15-compiled"]["status"] == "skipped"  # compiling on a CPU: minutes
+    assert result["versions"]["torch"] and result["versions"]["cuda"] is False
+    assert result["toy"] is True and list(result["parts"]) == ["render-sd15-compiled", "clip"]
     clip = result["parts"]["clip"]
     assert clip["status"] == "ok" and clip["gflop_per_image"] > 0
     assert [r["batch_size"] for r in clip["runs"]] == [4, 16]
@@ -35,9 +37,16 @@ def test_part_over_its_limit_is_killed_and_reported(tmp_path):
     assert entry["partial_runs"] == [] and not (tmp_path / "gpu_render-sd15.json").exists()
 
 
-def test_toy_skips_compiled_parts_and_budget_skips_the_rest(tmp_path):
-    args = gpu.argparse.Namespace(toy=True, parts=["render-sd15-compiled", "clip"], budget=5.0, out=tmp_path)
+def test_parts_past_the_budget_are_skipped(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu, "versions", lambda: {"torch": "(not probed in this test)"})
+    args = gpu.argparse.Namespace(toy=True, parts=["clip", "train-sd15"], budget=5.0, out=tmp_path)
     result = gpu.drive(args)
-    assert result["parts"]["render-sd15-compiled"]["status"] == "skipped"
-    assert result["parts"]["clip"] == {"status": "skipped", "why": result["parts"]["clip"]["why"], "seconds": 0.0}
+    assert [p["status"] for p in result["parts"].values()] == ["skipped", "skipped"]
     assert result["parts"]["clip"]["why"].startswith("budget")
+    assert json.loads((tmp_path / "gpu.json").read_text())["parts"] == result["parts"]
+
+
+def test_rows_printed_before_a_kill_are_recovered():
+    log = ('sd15: 512 px, UNet 803.3 GFLOP/pass\n{"arch": "sd15", "batch": 1, "images_per_s": 0.9}\n'
+           "{'not': 'json'}\n" '{"arch": "sd15", "batch": 8, "images_per_s": 5.1}\n{"arch": "sd15", "ba')
+    assert [r["batch"] for r in gpu.printed_rows(log)] == [1, 8]
