@@ -239,3 +239,27 @@ def test_text_encoder_lora_in_kohya_layout_loads_in_diffusers(sd1, datasets, tmp
         assert float(abs(_render(sd1.pipe) - base).max()) > 0
     finally:
         sd1.pipe.delete_adapters("te")
+
+
+def test_cache_misses_exactly_when_an_image_caption_or_model_changes(sd1, tmp_path):
+    from selma_backend.train.cache import FeatureCache
+    from selma_backend.train.data import load_samples
+
+    ds = make_dataset(tmp_path / "d", "product", prompts=["a red mug", "a blue mug"])  # flip policy never: 1 view each
+
+    def fill(model_hash: str = sd1.model_hash) -> dict:
+        cache = FeatureCache(tmp_path / "cache", model_hash)
+        cache.fill(sd1.pipe, "sd1", load_samples(ds, resolution=64, buckets=False))
+        return cache.stats
+
+    assert fill()["latents_encoded"] == 2
+    assert fill() == {"latents_encoded": 0, "text_encoded": 0, "latents_reused": 2, "text_reused": 2}
+    first = sorted(ds.glob("*.png"))[0]
+    img = Image.open(first).convert("RGB")
+    img.putpixel((0, 0), (0, 0, 0) if img.getpixel((0, 0)) != (0, 0, 0) else (255, 255, 255))
+    img.save(first)
+    assert fill()["latents_encoded"] == 1  # only the changed image
+    rows = (ds / "metadata.jsonl").read_text().replace("a blue mug", "a green mug")
+    (ds / "metadata.jsonl").write_text(rows)
+    assert fill()["text_encoded"] == 1  # only the changed caption
+    assert fill("f" * 64)["latents_encoded"] == 2  # another model: nothing reused
