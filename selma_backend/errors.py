@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 
@@ -21,3 +22,16 @@ def invalid(field: str, value: object, allowed: str | Iterable[object], hint: st
     if hint:
         msg += f". {hint}"
     return SelmaError(msg)
+
+
+def check_int(name: str, value: object, lo: int, hi: int) -> None:
+    """Raise :func:`invalid` unless ``value`` is an int (not a bool) in ``[lo, hi]``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise invalid(name, value, f"an integer from {lo} to {hi}")
+
+
+def check_number(name: str, value: object, lo: float, hi: float) -> None:
+    """Raise :func:`invalid` unless ``value`` is a finite int or float (not a bool) in ``[lo, hi]``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not lo <= value <= hi:
+        raise invalid(name, value, f"a number from {lo} to {hi}")

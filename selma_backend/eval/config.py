@@ -6,11 +6,10 @@ Where the prompts come from is :class:`selma_backend.eval.prompts.PromptSpec` (a
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..errors import invalid
+from ..errors import check_int, check_number, invalid
 from ..render.config import RenderConfig
 
 
@@ -51,17 +50,17 @@ class EvalConfig:
             object.__setattr__(self, "render", RenderConfig.from_dict(self.render))
         if not isinstance(self.render, RenderConfig):
             raise invalid("render", self.render, "a RenderConfig")
-        _number("lora_scale", self.lora_scale, -10.0, 10.0)
-        _int("resamples", self.resamples, 100, 1_000_000)
+        check_number("lora_scale", self.lora_scale, -10.0, 10.0)
+        check_int("resamples", self.resamples, 100, 1_000_000)
         if isinstance(self.confidence, bool) or not isinstance(self.confidence, (int, float)) \
                 or not 0.5 <= self.confidence < 1:
             raise invalid("confidence", self.confidence, "a number from 0.5 to below 1", "0.95 for 95% intervals")
-        _int("stats_seed", self.stats_seed, 0, 2**63 - 1)
-        _int("grid_prompts", self.grid_prompts, 1, 1000)
-        _int("vqa_max_retries", self.vqa_max_retries, 0, 50)
-        _int("vqa_workers", self.vqa_workers, 1, 256)
-        _int("max_questions", self.max_questions, 1, 200)
-        _number("vqa_timeout_s", self.vqa_timeout_s, 1.0, 3600.0)
+        check_int("stats_seed", self.stats_seed, 0, 2**63 - 1)
+        check_int("grid_prompts", self.grid_prompts, 1, 1000)
+        check_int("vqa_max_retries", self.vqa_max_retries, 0, 50)
+        check_int("vqa_workers", self.vqa_workers, 1, 256)
+        check_int("max_questions", self.max_questions, 1, 200)
+        check_number("vqa_timeout_s", self.vqa_timeout_s, 1.0, 3600.0)
         for name in ("vqa_url", "vqa_model", "question_model", "vqa_key_env"):
             if not isinstance(getattr(self, name), str):
                 raise invalid(name, getattr(self, name), "a string ('' for none)")
@@ -94,13 +93,3 @@ class EvalConfig:
         d["render"] = self.render.to_dict()
         return d
 
-
-def _int(name: str, value: object, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise invalid(name, value, f"an integer from {lo} to {hi}")
-
-
-def _number(name: str, value: object, lo: float, hi: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not lo <= value <= hi:
-        raise invalid(name, value, f"a number from {lo} to {hi}")

@@ -26,13 +26,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import SelmaError, invalid
+from ..errors import SelmaError, check_int, invalid
 from ..fsio import atomic_write_json, read_jsonl
 from ..paths import slug
 from ..prompts.dedup import RougePool, check_threshold
 from ..prompts.generate import PromptConfig, generate_prompts, load_prompt_texts
 from ..skills import Skill, resolve_skill
-from .config import _int
 
 PROMPT_COLUMNS = ("prompt", "text", "caption")
 ID_COLUMNS = ("id", "prompt_id", "item_id")
@@ -84,9 +83,9 @@ class PromptSpec:
         if self.heldout_skills and not self.train_prompts:
             raise invalid("train_prompts", [], "the training prompt files of the held-out skills",
                           "held-out prompts are checked against them; without them nothing says they are held out")
-        _int("heldout_count", self.heldout_count, 1, 100_000)
-        _int("heldout_seed", self.heldout_seed, 0, 2**63 - 1)
-        _int("max_per_skill", self.max_per_skill, 0, 10_000_000)
+        check_int("heldout_count", self.heldout_count, 1, 100_000)
+        check_int("heldout_seed", self.heldout_seed, 0, 2**63 - 1)
+        check_int("max_per_skill", self.max_per_skill, 0, 10_000_000)
         check_threshold(self.threshold, "threshold")
         for name in ("skill", "prompt_column"):
             if not isinstance(getattr(self, name), str):

@@ -7,13 +7,12 @@ selection: recorded in ``dataset.json`` under ``"filter"`` and in the summary).
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..errors import invalid
+from ..errors import check_int, check_number, invalid
 
 DTYPES = ("auto", "fp16", "bf16", "fp32")  # auto: fp16 on cuda, fp32 elsewhere
 DEVICES = ("auto", "cuda", "mps", "cpu")  # auto: cuda, else cpu
@@ -49,7 +48,7 @@ class ScorerConfig:
         for name, allowed in (("device", DEVICES), ("dtype", DTYPES)):
             if getattr(self, name) not in allowed:
                 raise invalid(name, getattr(self, name), allowed)
-        _int("batch_size", self.batch_size, 1, 65536)
+        check_int("batch_size", self.batch_size, 1, 65536)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,11 +96,11 @@ class FilterConfig:
                 raise invalid("keep_fraction", f, "a number in (0, 1]", "0.3 keeps the best 30% of each skill")
             object.__setattr__(self, "keep_fraction", float(f))
         if self.top_k is not None:
-            _int("top_k", self.top_k, 1, 100_000)
+            check_int("top_k", self.top_k, 1, 100_000)
         self._check_per_skill()
-        _number("min_pixel_std", self.min_pixel_std, 0, 255)
-        _int("max_caption_tokens", self.max_caption_tokens, 0, 100_000)
-        _number("dedup_cosine", self.dedup_cosine, 0, 1)
+        check_number("min_pixel_std", self.min_pixel_std, 0, 255)
+        check_int("max_caption_tokens", self.max_caption_tokens, 0, 100_000)
+        check_number("dedup_cosine", self.dedup_cosine, 0, 1)
         needs = {"threshold": "threshold", "keep_fraction": "keep_fraction", "top_k_per_prompt": "top_k"}
         field = needs.get(self.mode)
         if field and getattr(self, field) is None:
@@ -128,16 +127,6 @@ class FilterConfig:
         d["per_skill"] = dict(self.per_skill)
         return d
 
-
-def _int(name: str, value: object, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise invalid(name, value, f"an integer from {lo} to {hi}")
-
-
-def _number(name: str, value: object, lo: float, hi: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not lo <= value <= hi:
-        raise invalid(name, value, f"a number from {lo} to {hi}")
 
 
 def _cosine(name: str, value: object) -> None:
