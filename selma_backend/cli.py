@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": (".eval.cli", "stage 6: render base and LoRAs with the same seeds, score them, report with CIs"),
     "train": (".train.cli", "stage 4: train one LoRA expert per skill dataset (resumable, data-parallel)"),
     "merge": (".merge.cli", "stage 5: merge LoRA experts into one file (linear, svd, ties, dare) and report its error"),
+    "world": (".world.cli", "the shapes world: ground-truth prompts, images and an exact judge, on a CPU"),
 }
 
 
