@@ -121,7 +121,7 @@ class SelmaFilterDataset(io.ComfyNode):
                               floor=None if floor <= -1.0 else floor, per_skill=parse_per_skill(per_skill),
                               dedup_cosine=dedup_cosine, min_pixel_std=min_pixel_std)
         with load_scorer(clip) as scorer:
-            report = filter_dataset(dataset["path"], scorer, config, progress=progress_callback(1),
+            report = filter_dataset(dataset["path"], scorer, config, progress=progress_callback(1, "filter"),
                                     should_stop=interrupted)
         raise_if_interrupted()
         lines = [f"kept {report.kept} of {report.total}; dropped {report.dropped} {report.reasons}"]

@@ -22,8 +22,11 @@ import comfy.model_management as mm
 import comfy.utils
 import folder_paths
 
+from ..selma_backend.progress import ProgressEvents
+
 __all__ = ["ComfyExtension", "io", "ui", "CATEGORY", "progress_callback", "interrupted", "raise_if_interrupted", "output_dir", "user_dir", "input_dir",
-           "models_dir", "model_names", "model_path", "model_folders", "folder_models", "folder_model_path", "register_folders", "free_memory", "add_routes", "send_event"]
+           "models_dir", "model_names", "model_path", "model_folders", "folder_models", "folder_model_path", "register_folders", "free_memory", "add_routes", "send_event",
+           "progress_events"]
 
 log = logging.getLogger("selma")
 
@@ -92,18 +95,35 @@ def register_folders() -> None:
             folder_paths.folder_names_and_paths[name] = ([path], set())
 
 
-def progress_callback(total: int) -> Callable[[int, int], None]:
-    """A backend progress callback ``(done, total)`` that drives the node's progress bar.
+def progress_callback(total: int, stage: str, label: str | None = None) -> Callable[[int, int], None]:
+    """A backend progress callback ``(done, total)`` that drives the node's progress bar and sends
+    throttled ``selma.progress`` events (:mod:`..selma_backend.progress`) for the web extension.
 
     It never raises: backends stop cleanly through :func:`interrupted` (``should_stop``), then the
     node calls :func:`raise_if_interrupted` so ComfyUI records the run as cancelled.
     """
     bar = comfy.utils.ProgressBar(total)
+    events = progress_events(stage, label)
 
     def update(done: int, new_total: int) -> None:
         bar.update_absolute(done, new_total)
+        events(done, new_total)
 
     return update
+
+
+def progress_events(stage: str, label: str | None = None) -> ProgressEvents:
+    """``selma.progress`` events for the node ComfyUI is executing now (its id as the frontend's graph knows
+    it, from ComfyUI's execution context), sent to the client that queued the prompt."""
+    try:
+        from comfy_execution.utils import get_executing_context
+    except ImportError:  # pragma: no cover - ComfyUI before the execution context: the bar only
+        get_executing_context = lambda: None  # noqa: E731
+    context = get_executing_context()
+    node = None if context is None else str(context.node_id)
+    prompt_id = None if context is None else context.prompt_id
+    return ProgressEvents(lambda data: send_event("progress", data, to_client=True), node=node, prompt_id=prompt_id,
+                          stage=stage, label=label)
 
 
 def interrupted() -> bool:
@@ -135,15 +155,16 @@ def add_routes(register: Callable[[object], None]) -> bool:
     return True
 
 
-def send_event(event: str, data: dict) -> None:
-    """Send ``selma.<event>`` to the frontend over ComfyUI's websocket (no-op outside a server)."""
+def send_event(event: str, data: dict, to_client: bool = False) -> None:
+    """Send ``selma.<event>`` to the frontend over ComfyUI's websocket (no-op outside a server): to every
+    client, or with ``to_client`` to the one that queued the running prompt (all if it gave no id)."""
     try:
         from server import PromptServer
     except ImportError:
         return
     instance = getattr(PromptServer, "instance", None)
     if instance is not None:
-        instance.send_sync(f"selma.{event}", data)
+        instance.send_sync(f"selma.{event}", data, getattr(instance, "client_id", None) if to_client else None)
 
 
 # --- LoRA files (stage 5): ComfyUI's own loader and patching, nothing else ----------------------------------
@@ -190,11 +211,15 @@ def apply_lora(model: object | None, clip: object | None, lora: dict, strength_m
 __all__ += ["preview_progress"]
 
 
-def preview_progress(total: int) -> Callable[[int, int, object], None]:
-    """Like :func:`progress_callback`, plus an optional PIL image shown on the node (ComfyUI's preview)."""
+def preview_progress(total: int, stage: str) -> Callable[..., None]:
+    """Like :func:`progress_callback`, plus an optional PIL image shown on the node (ComfyUI's preview)
+    and the ``label`` (e.g. the expert) and ``loss`` of the ``selma.progress`` event."""
     bar = comfy.utils.ProgressBar(total)
+    events = progress_events(stage)
 
-    def update(done: int, new_total: int, image: object = None) -> None:
+    def update(done: int, new_total: int, image: object = None, *, label: str | None = None,
+               loss: float | None = None) -> None:
         bar.update_absolute(done, new_total, ("PNG", image, 512) if image is not None else None)
+        events(done, new_total, label=label, loss=loss)
 
     return update

@@ -173,7 +173,7 @@ class SelmaGeneratePrompts(io.ComfyNode):
         out = safe_join(output_dir(), f"selma/{project}", field="project") / "prompts" / f"{skill.id}-seed{seed}.jsonl"
         backend = make_chat_backend(llm.config, user_dir=user_dir()) if llm.config else None
         try:
-            report = generate_prompts(config, out, backend=backend, progress=progress_callback(count),
+            report = generate_prompts(config, out, backend=backend, progress=progress_callback(count, "prompts", skill.id),
                                       should_stop=interrupted)
         finally:
             if backend is not None:

@@ -158,7 +158,8 @@ class SelmaRenderDataset(io.ComfyNode):
         shown: list[Path] = []
         free_memory()  # ComfyUI's own models out of the way before ours loads
         with load_pipeline(model) as lp:
-            report = render_dataset(lp, source, out, config, progress=progress_callback(1), should_stop=interrupted,
+            report = render_dataset(lp, source, out, config, progress=progress_callback(1, "render", prompts.get("skill")),
+                                    should_stop=interrupted,
                                     on_image=lambda path, _row: len(shown) < _PREVIEW and shown.append(path),
                                     warn=lambda msg: send_event("status", {"level": "warning", "title": "SELMA render",
                                                                            "text": msg}))

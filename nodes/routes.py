@@ -7,6 +7,7 @@ symlink out), and an image is served only if the dataset's ``metadata.jsonl`` li
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from aiohttp import web
@@ -15,9 +16,11 @@ from ..selma_backend import __version__
 from ..selma_backend.errors import SelmaError
 from ..selma_backend.filter import effective_keep, set_review
 from ..selma_backend.fsio import read_jsonl
+from ..selma_backend.merge.preview import preview_merge, widget_config
 from ..selma_backend.paths import safe_join
 from ..selma_backend.skills import list_skills
 from .glue import output_dir, user_dir
+from .merge import _listed_paths
 
 _registered = False
 _ROW_FIELDS = ("file_name", "text", "skill", "prompt_id", "sample", "clip_score", "keep", "review", "drop_reason")
@@ -39,6 +42,28 @@ def _listed(path: Path, file_name: str | None) -> Path:
     if not file_name or file_name not in rows:
         raise web.HTTPNotFound(text=f"file: {file_name!r} is not an image of this dataset")
     return path / file_name
+
+
+#: POST /selma/merge/preview fields: (type, default) as SELMA Merge Experts' widgets have them.
+_MERGE_FIELDS = {"lora_names": (str, ""), "method": (str, "svd"), "weights": (str, ""), "rank": (int, 0),
+                 "density": ((int, float), 0.5), "block_weights": (str, ""), "seed": (int, 0)}
+
+
+def _merge_preview(body: object) -> dict:
+    """Merge the listed experts in memory (a worker thread runs this); SelmaError for bad input."""
+    if not isinstance(body, dict):
+        raise SelmaError("body: expected a JSON object with " + ", ".join(_MERGE_FIELDS))
+    values = {}
+    for name, (kind, default) in _MERGE_FIELDS.items():
+        value = body.get(name, default)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise SelmaError(f"{name}: expected {getattr(kind, '__name__', 'a number')}, got {value!r}")
+        values[name] = value
+    paths = _listed_paths(values.pop("lora_names"), "lora_names")  # names ComfyUI lists, never a typed path
+    if not paths:
+        raise SelmaError("lora_names: list at least one expert, one name a line")
+    report = preview_merge(paths, widget_config(**values))
+    return {"report": report.to_dict(), "text": report.text()}
 
 
 def register_routes(routes) -> None:
@@ -82,3 +107,14 @@ def register_routes(routes) -> None:
             raise web.HTTPBadRequest(text=str(e)) from e
         return web.json_response({"file_name": file_name, "review": row.get("review"),
                                   "effective_keep": effective_keep(row)})
+
+    @routes.post("/selma/merge/preview")
+    async def merge_preview(request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError as e:
+            raise web.HTTPBadRequest(text=f"body: not JSON ({e})") from e
+        try:  # a worker thread: merging takes seconds, the server's loop keeps serving
+            return web.json_response(await asyncio.to_thread(_merge_preview, body))
+        except SelmaError as e:
+            raise web.HTTPBadRequest(text=str(e)) from e

@@ -4,6 +4,7 @@
 // follows over the filter. Optional: without web/ the node still passes the dataset on.
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
+import { chain } from "./selma_common.js";
 
 const NODE = "SelmaReviewDataset";
 const STYLE_ID = "selma-review-style";
@@ -21,15 +22,6 @@ function ensureStyle() {
     .selma-card .cap { padding: 2px 3px; max-height: 3.6em; overflow: hidden; }
     .selma-card .meta { padding: 0 3px 2px; color: #9ca3af; }`;
   document.head.appendChild(style);
-}
-
-function chain(obj, name, fn) {
-  const original = obj[name];
-  obj[name] = function (...args) {
-    const r = original?.apply(this, args);
-    fn.apply(this, args);
-    return r;
-  };
 }
 
 async function fetchRows(dataset) {
@@ -80,6 +72,7 @@ async function showGallery(node, dataset) {
     const root = document.createElement("div");
     root.className = "selma-review";
     node.selmaGallery = node.addDOMWidget("gallery", "selma_review", root, { serialize: false, hideOnZoom: false });
+    node.selmaGallery.serialize = false;  // litegraph's own flag: keep it out of the saved widgets_values
     node.setSize([Math.max(node.size[0], 520), Math.max(node.size[1], 420)]);
   }
   const root = node.selmaGallery.element;
