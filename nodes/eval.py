@@ -107,7 +107,8 @@ class SelmaEvaluate(io.ComfyNode):
                 io.Int.Input("height", default=0, min=0, max=16384, step=8, tooltip="0: the model's default size."),
                 io.Combo.Input("scheduler", options=scheduler_names(), default=_R["scheduler"].default,
                                tooltip="The sampler/scheduler."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Render seed: image (prompt, sample) "
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Render seed: image (prompt, sample) "
                              "gets the same noise for every model."),
                 io.Int.Input("samples", default=1, min=1, max=64, tooltip="Images per prompt and model."),
                 io.Int.Input("batch_size", default=4, min=1, max=256, tooltip="Images per batch (prompts mixed)."),
@@ -146,7 +147,7 @@ class SelmaEvaluate(io.ComfyNode):
         out = next_run_dir(target.parent, target.name)
         free_memory()  # ComfyUI's own models out of the way before ours load
         report = evaluate(model, _lora_paths([lora_1, lora_2, lora_3], loras), spec, clip, out, config,
-                          progress=progress_callback(1), should_stop=interrupted, user_dir=user_dir())
+                          progress=progress_callback(1, "eval"), should_stop=interrupted, user_dir=user_dir())
         raise_if_interrupted()
         grid = _grid_tensor(report.overview)
         shown = {**ui.PreviewImage(grid, cls=cls).as_dict(), "text": [report.table]}

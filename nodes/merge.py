@@ -3,15 +3,17 @@ ComfyUI's own LoRA patching, and the format bridge (keys matched before sampling
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..selma_backend.errors import SelmaError, invalid
 from ..selma_backend.lora.bridge import match_keys
 from ..selma_backend.lora.layouts import LAYOUTS, convert_lora
 from ..selma_backend.lora.names import BASE_VERSIONS
-from ..selma_backend.merge.config import MergeConfig, parse_block_weights, parse_weights
+from ..selma_backend.merge.config import parse_weights
 from ..selma_backend.merge.files import merge_files
 from ..selma_backend.merge.math import MERGE_METHODS
+from ..selma_backend.merge.preview import widget_config
 from ..selma_backend.paths import safe_join
 from .glue import (
     CATEGORY,
@@ -74,11 +76,12 @@ def _out_path(name: str, suffix: str = ".safetensors") -> tuple[Path, str]:
     Returns (path, the name ComfyUI's LoRA list shows for it)."""
     root = loras_root()
     stem = name.strip().removesuffix(suffix) or "merged"
-    path = safe_join(root / SUBFOLDER, stem + suffix, field="name")
     n = 0
-    while path.exists():
+    # Taken names are skipped before the path check, so an existing file -- a symlink to elsewhere
+    # included -- is never resolved, opened or replaced; the free name is then checked (no escape).
+    while os.path.lexists(root / SUBFOLDER / f"{stem}{f'_{n:04d}' if n else ''}{suffix}"):
         n += 1
-        path = safe_join(root / SUBFOLDER, f"{stem}_{n:04d}{suffix}", field="name")
+    path = safe_join(root / SUBFOLDER, f"{stem}{f'_{n:04d}' if n else ''}{suffix}", field="name")
     return path, path.relative_to(root.resolve()).as_posix()
 
 
@@ -130,12 +133,10 @@ class SelmaMergeExperts(io.ComfyNode):
         paths = _listed_paths(lora_names, "lora_names") + _wired(experts)
         if not paths:
             raise invalid("lora_names", lora_names, "at least one expert", "list names or wire SELMA Train's experts")
-        config = MergeConfig(method=method, weights=parse_weights(weights), rank=None if rank == 0 or method == "linear"
-                             else rank, density=density,
-                             block_weights=parse_block_weights(block_weights), seed=seed)
+        config = widget_config(method, weights, rank, density, block_weights, seed)
         out, listed = _out_path(name)
         try:
-            report = merge_files(paths, out, config, progress=progress_callback(1), should_stop=interrupted)
+            report = merge_files(paths, out, config, progress=progress_callback(1, "merge"), should_stop=interrupted)
         except SelmaError:
             raise_if_interrupted()
             raise

@@ -40,10 +40,11 @@ def _image(img: Image.Image) -> torch.Tensor:
 
 
 class _Progress:
-    """Progress bar with the live loss curve as its preview, and a ``selma.train`` event per step."""
+    """Progress bar with the live loss curve as its preview, throttled ``selma.progress`` events (stage "train",
+    label = the expert, with the loss) and a ``selma.train`` event per step."""
 
     def __init__(self, steps: int) -> None:
-        self.update = preview_progress(steps)
+        self.update = preview_progress(steps, "train")
         self.points: list[tuple[int, float]] = []
         self.last = 0.0
 
@@ -54,9 +55,9 @@ class _Progress:
         if now - self.last > 2.0 or info["step"] == info["steps"]:
             self.last = now
             picture = loss_plot([s for s, _ in self.points], [v for _, v in self.points], f"{info['expert']}: loss")
-        self.update(info["step"], info["steps"], picture)
+        self.update(info["step"], info["steps"], picture, label=info["expert"], loss=info["loss"])
         send_event("train", {"expert": info["expert"], "step": info["step"], "steps": info["steps"],
-                             "loss": info["loss"], "lr": info["lr"]})
+                             "loss": info["loss"], "lr": info["lr"]}, to_client=True)
 
 
 class SelmaTrainExperts(io.ComfyNode):
@@ -107,7 +108,8 @@ class SelmaTrainExperts(io.ComfyNode):
                              tooltip="Render the validation prompts every N steps (0: never)."),
                 io.String.Input("validation_prompts", multiline=True, default="",
                                 tooltip="One prompt per line, rendered with fixed seeds into a grid."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Training seed (LoRA init, noise, data order)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Training seed (LoRA init, noise, data order)."),
                 io.Boolean.Input("resume", default=True, tooltip="Continue an unfinished run from its last checkpoint; "
                                  "finished experts are skipped."),
                 io.Boolean.Input("overwrite", default=False, tooltip="Replace existing expert files (off: an error instead)."),

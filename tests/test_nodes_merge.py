@@ -116,3 +116,16 @@ def test_existing_name_gets_a_number_and_names_must_be_listed(comfy_server, expe
     with pytest.raises(AssertionError, match="name: got"):
         comfy_server.run({"1": merge_node(NAMES[0], "../escape")})
     assert not (comfy_server.base_dir / "models" / "loras" / "escape.safetensors").exists()
+
+
+def test_a_name_taken_by_a_symlink_gets_a_number_and_the_link_target_is_untouched(comfy_server, experts, tmp_path):
+    """A LoRA the user linked into models/loras/selma/ under the merge's name: skipped, never followed."""
+    loras = comfy_server.base_dir / "models" / "loras" / "selma"
+    loras.mkdir(parents=True, exist_ok=True)
+    outside = tmp_path / "kept.safetensors"
+    outside.write_bytes(b"the user's own file")
+    (loras / "t-link.safetensors").symlink_to(outside)
+    entry = comfy_server.run({"1": merge_node("\n".join(NAMES[:2]), "t-link", weights="0.5, 0.5")})
+    assert "t-link_0001.safetensors" in _text(entry, "1")
+    assert (loras / "t-link_0001.safetensors").is_file() and not (loras / "t-link_0001.safetensors").is_symlink()
+    assert outside.read_bytes() == b"the user's own file"

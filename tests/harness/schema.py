@@ -19,7 +19,8 @@ def describe(entry: dict) -> dict:
                 item["default"] = opts.get("default", type_[0] if type_ else None)
             if opts.get("forceInput"):
                 item["force_input"] = True
-            if kind == "INT" and (opts.get("control_after_generate") or name in SEED_NAMES):
+            control = opts.get("control_after_generate")  # the frontend: explicit value ?? name is a seed name
+            if kind == "INT" and (control if control is not None else name in SEED_NAMES):
                 item["control_after_generate"] = True
             inputs.append(item)
     outputs = [{"name": n, "type": t, "is_list": bool(lst)}
@@ -77,8 +78,14 @@ def widget_index(desc: dict, name: str) -> int:
 TINY_SETTINGS = {
     "EmptyLatentImage": {"width": 64, "height": 64},
     "KSampler": {"steps": 2},
-    "SelmaGeneratePrompts": {"count": 3},
-    "SelmaRenderDataset": {"steps": 2, "width": 64, "height": 64},
+    "SelmaGeneratePrompts": {"count": 2},
+    "SelmaRenderDataset": {"steps": 2, "width": 64, "height": 64, "images_per_prompt": 1},
+    # overwrite: the test server starts with tiny fixture experts under the names training writes
+    # (tests/conftest.py TINY_INSTALL, for the stage-5 and apply-experts workflows); a trained expert
+    # replaces them. Same base model (mini SD 1.5), so any mix of fixture and trained experts merges.
+    "SelmaTrainExperts": {"steps": 2, "rank": 4, "alpha": 4.0, "batch_size": 2, "grad_accum": 1, "resolution": 64,
+                          "validation_every": 0, "overwrite": True},
+    "SelmaEvaluate": {"steps": 2, "width": 64, "height": 64, "heldout_count": 2, "max_per_skill": 1, "batch_size": 8},
 }
 
 
