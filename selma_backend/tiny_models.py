@@ -30,9 +30,11 @@ from .tiny.common import read_provenance
 from .tiny.diffusion import write_sd1, write_sdxl
 from .tiny.ldm import write_mini_sd15
 from .tiny.llm import write_llm
+from .tiny.loras import write_tiny_loras
 from .tiny.openclip import write_clip
 
-__all__ = ["TINY_MODELS", "write_tiny_models", "write_sd1", "write_sdxl", "write_mini_sd15", "write_clip", "write_llm"]
+__all__ = ["TINY_MODELS", "write_tiny_models", "write_sd1", "write_sdxl", "write_mini_sd15", "write_clip", "write_llm",
+           "write_tiny_loras"]
 
 Writer = Callable[..., Path]  # writer(path, seed, *, force) -> path
 

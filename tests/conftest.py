@@ -7,6 +7,7 @@ SELMA_FRONTEND_NEW_ROOT). Running pytest without it fails with a message naming 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -51,11 +52,28 @@ TINY_INSTALL = {"mini-sd15": "checkpoints/selma-mini-sd15.safetensors", "sd1": "
                 "sdxl": "diffusers/selma-tiny-sdxl", "clip": "clip/selma-tiny-clip", "llm": "LLM/selma-tiny-llm"}
 
 
+#: Tiny LoRA experts and their merge (``write_tiny_loras``) for the stage-5 and apply-experts workflows,
+#: under the names SELMA's train and merge nodes write. Copied, not linked: the merge node refuses
+#: paths in models/loras/selma/ that resolve elsewhere, and training in a test may replace them.
+TINY_LORA_INSTALL = {"lora-countbench": "loras/selma/experts/countbench.safetensors",
+                     "lora-spatial": "loras/selma/experts/spatial.safetensors", "lora-merged": "loras/selma/merged.safetensors"}
+
+
 @pytest.fixture(scope="session")
-def comfy_base(tmp_path_factory, tiny_models) -> Path:
+def tiny_loras(tmp_path_factory) -> dict[str, Path]:
+    from selma_backend.tiny_models import write_tiny_loras
+
+    return write_tiny_loras(tmp_path_factory.mktemp("tiny-loras"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def comfy_base(tmp_path_factory, tiny_models, tiny_loras) -> Path:
     base = make_base_dir(tmp_path_factory.mktemp("comfy-base"))
     for name, rel in TINY_INSTALL.items():
         (base / "models" / rel).symlink_to(tiny_models[name])
+    for name, rel in TINY_LORA_INSTALL.items():
+        (base / "models" / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tiny_loras[name], base / "models" / rel)
     return base
 
 
@@ -64,6 +82,24 @@ def comfy_server(comfyui_dir, comfy_base):
     server = ComfyServer(comfyui_dir, comfy_base).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def comfy_server_new_frontend(comfyui_dir, comfy_base):
+    """The same ComfyUI with the newest frontend (``SELMA_FRONTEND_NEW_ROOT``), one per session."""
+    root = os.environ.get("SELMA_FRONTEND_NEW_ROOT")
+    if not root or not (Path(root) / "index.html").is_file():
+        pytest.fail("SELMA_FRONTEND_NEW_ROOT is not set: run the tests with `scripts/dev.sh test`")
+    server = ComfyServer(comfyui_dir, comfy_base, front_end_root=Path(root)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["pinned", "newest"])
+def any_frontend(request):
+    """(which, server): the frontend ComfyUI 0.3.75 pins, and the newest one."""
+    name = "comfy_server" if request.param == "pinned" else "comfy_server_new_frontend"
+    return request.param, request.getfixturevalue(name)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -4,12 +4,10 @@ without validation errors — on the frontend ComfyUI 0.3.75 pins and on the new
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 from harness.browser import browser_page, load_workflow, open_comfyui
-from harness.comfy import ComfyServer
 from harness.schema import describe, shrink
 
 pytestmark = [pytest.mark.comfy, pytest.mark.browser]
@@ -22,52 +20,44 @@ ARTIFACTS = REPO / "test-artifacts"
 FRONTEND_OWN_ERRORS = ("[Jobs API]", "Failed to fetch jobs")
 
 
-@pytest.fixture(scope="module")
-def comfy_server_new_frontend(comfyui_dir, comfy_base):
-    root = os.environ.get("SELMA_FRONTEND_NEW_ROOT")
-    if not root or not (Path(root) / "index.html").is_file():
-        pytest.fail("SELMA_FRONTEND_NEW_ROOT is not set: run the tests with `scripts/dev.sh test`")
-    server = ComfyServer(comfyui_dir, comfy_base, front_end_root=Path(root)).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(params=["pinned", "newest"])
-def any_frontend(request):
-    name = "comfy_server" if request.param == "pinned" else "comfy_server_new_frontend"
-    return request.param, request.getfixturevalue(name)
+@pytest.fixture(scope="module", params=["pinned", "newest"])
+def frontend_page(request):
+    """(which, server, page): one browser page per frontend for every bundled workflow (the frontend boots once)."""
+    which = request.param
+    server = request.getfixturevalue("comfy_server" if which == "pinned" else "comfy_server_new_frontend")
+    with browser_page() as page:
+        open_comfyui(page, server)
+        page.wait_for_timeout(1000)
+        # The frontend logs errors of its own on an empty install (1.32.9: "reading 'id'" in
+        # GraphView's load, also without this pack); each test judges what its workflow adds.
+        page.at_open = [e for e in page.console_errors if "selma" in e.lower()]  # type: ignore[attr-defined]
+        yield which, server, page
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
-def test_bundled_workflow_loads_and_queues_in_the_real_frontend(any_frontend, workflow, tmp_path):
-    which, server = any_frontend
+def test_bundled_workflow_loads_and_queues_in_the_real_frontend(frontend_page, workflow, tmp_path):
+    which, server, page = frontend_page
     ARTIFACTS.mkdir(exist_ok=True)
     # The bundled graph as saved, with sizes and steps made tiny so the CPU can run it (TINY_SETTINGS).
     schemas = {k: describe(v) for k, v in server.get_json("/object_info").items()}
     small = tmp_path / workflow.name
     small.write_text(json.dumps(shrink(json.loads(workflow.read_text()), schemas)))
-    with browser_page() as page:
-        open_comfyui(page, server)
-        page.wait_for_timeout(1000)
-        # The frontend logs errors of its own on an empty install (1.32.9: "reading 'id'" in
-        # GraphView's load, also without this pack); judge what loading our workflow adds.
-        baseline = len(page.console_errors)
-        at_open = [e for e in page.console_errors if "selma" in e.lower()]
-        result = load_workflow(page, small)
-        if result["status"] == 200:
-            server.wait(result["body"]["prompt_id"])
-            page.wait_for_timeout(800)  # let the frontend draw the results
-        page.screenshot(path=str(ARTIFACTS / f"frontend-{which}-{workflow.stem}.png"))
+    errors, failed = len(page.console_errors), len(page.failed_requests)
+    result = load_workflow(page, small)
+    if result["status"] == 200:
+        server.wait(result["body"]["prompt_id"])
+        page.wait_for_timeout(800)  # let the frontend draw the results (and log what it would)
+    page.screenshot(path=str(ARTIFACTS / f"frontend-{which}-{workflow.stem}.png"))
     assert result["missing"] == [], result
     assert result["count"] >= 1
     assert not [d for d in result["dialogs"] if "missing" in d.lower() or "error" in d.lower()], result["dialogs"]
     assert result["status"] == 200, result["body"]
     assert result["body"].get("node_errors") in ({}, None), result["body"]
     # The frontend probes optional endpoints (404 "Failed to load resource"); judge only our own.
-    ours = [r for r in page.failed_requests if "selma" in r.lower()]
+    ours = [r for r in page.failed_requests[failed:] if "selma" in r.lower()]
     assert ours == [], ours
-    assert at_open == [], at_open
-    added = [e for e in page.console_errors[baseline:]
+    assert page.at_open == [], page.at_open
+    added = [e for e in page.console_errors[errors:]
              if not e.startswith("Failed to load resource") and not any(p in e for p in FRONTEND_OWN_ERRORS)]
     assert added == [], added
 

@@ -113,7 +113,10 @@ def test_a_built_wheel_carries_the_pack_and_loads_without_comfyui(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for must in ("comfyui_selma/__init__.py", "comfyui_selma/nodes/glue.py", "comfyui_selma/locales/ja/nodeDefs.json",
                  "comfyui_selma/workflows/selma_list_skills.json", "comfyui_selma/selma_backend/cli.py",
-                 "selma_backend/cli.py", "selma_backend/prompts/offline_vocab.json"):
+                 "selma_backend/cli.py", "selma_backend/prompts/offline_vocab.json",
+                 "comfyui_selma/workflows/selma_full_pipeline.jpg",  # template browser thumbnails
+                 "selma_backend/world/assets/world-clip/open_clip_model.safetensors",  # the shipped world CLIP
+                 "comfyui_selma/selma_backend/world/assets/world-clip/open_clip_config.json"):
         assert must in names, must
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],

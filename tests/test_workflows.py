@@ -55,3 +55,54 @@ def test_widget_count_check_catches_a_wrong_count(schemas):
     """The check above would fail on a workflow saved with one widget value too many."""
     assert widget_slots(schemas["SelmaListSkills"]) == 1
     assert widget_slots(schemas["KSampler"]) == 7  # seed + control_after_generate, steps, cfg, sampler, scheduler, denoise
+
+
+def test_bundled_files_are_what_the_specs_generate(comfy_server):
+    """scripts/build_workflows.py against this server writes exactly the bundled files (run it after edits)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_workflows", REPO / "scripts" / "build_workflows.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)  # type: ignore[union-attr]
+    info = comfy_server.get_json("/object_info")
+    for name, nodes in script.SPECS.items():
+        ui, api = script.build(name, nodes, info)
+        assert json.loads((REPO / "workflows" / f"{name}.json").read_text()) == ui, name
+        assert json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text()) == api, name
+
+
+def test_workflows_chain_through_the_names_selma_writes():
+    """Stage 4 writes selma/<name>/<skill>.safetensors, stage 5 selma/<name>.safetensors: the later
+    workflows read exactly those names, so a user's own runs feed them."""
+    wf = {p.stem: json.loads(p.read_text()) for p in API}
+    train = next(n for n in wf["selma_stage4_train"].values() if n["class_type"] == "SelmaTrainExperts")["inputs"]
+    skill = next(n for n in wf["selma_stage4_train"].values() if n["class_type"] == "SelmaSkill")["inputs"]
+    merge = next(n for n in wf["selma_stage5_merge"].values() if n["class_type"] == "SelmaMergeExperts")["inputs"]
+    assert f"selma/{train['name']}/{skill['skill_id']}.safetensors" in merge["lora_names"].splitlines()
+    apply = next(n for n in wf["selma_apply_experts"].values() if n["class_type"] == "SelmaApplyExperts")["inputs"]
+    assert apply["lora_names"] == f"selma/{merge['name']}.safetensors"
+    evaluate = next(n for n in wf["selma_stage6_evaluate"].values() if n["class_type"] == "SelmaEvaluate")["inputs"]
+    assert {evaluate["lora_1"], evaluate["lora_2"]} == {f"selma/{train['name']}/{skill['skill_id']}.safetensors",
+                                                        apply["lora_names"]}
+    full = wf["selma_full_pipeline"]
+    kinds = [n["class_type"] for n in full.values()]
+    assert kinds.count("SelmaRenderDataset") >= 2 and kinds.count("SelmaFilterDataset") >= 2
+    by_id = dict(full.items())
+    train_full = next(n for n in full.values() if n["class_type"] == "SelmaTrainExperts")["inputs"]
+    merge_full = next(n for n in full.values() if n["class_type"] == "SelmaMergeExperts")["inputs"]
+    eval_full = next(n for n in full.values() if n["class_type"] == "SelmaEvaluate")["inputs"]
+    assert by_id[train_full["dataset"][0]]["class_type"] == by_id[train_full["dataset_2"][0]]["class_type"] \
+        == "SelmaFilterDataset"
+    assert by_id[merge_full["experts"][0]]["class_type"] == "SelmaTrainExperts"
+    assert by_id[eval_full["loras"][0]]["class_type"] == "SelmaMergeExperts"
+
+
+def test_saved_values_are_real_use_settings_not_the_test_ones():
+    """The tests shrink sizes and steps (TINY_SETTINGS); the files keep settings worth running."""
+    from harness.schema import TINY_SETTINGS
+
+    for path in API:
+        for node in json.loads(path.read_text()).values():
+            for key, tiny in TINY_SETTINGS.get(node["class_type"], {}).items():
+                if key in node["inputs"] and key != "overwrite":
+                    assert node["inputs"][key] != tiny, (path.name, node["class_type"], key)

@@ -19,23 +19,38 @@ def chromium_path() -> str:
     return path
 
 
+_playwright = None
+
+
+def _driver():
+    """One Playwright driver for the whole test process: its sync API refuses a second one while the
+    first is open, and a module-scoped page (tests/test_frontend.py) stays open across other tests."""
+    global _playwright
+    if _playwright is None:
+        import atexit
+
+        from playwright.sync_api import sync_playwright
+
+        _playwright = sync_playwright().start()
+        atexit.register(_playwright.stop)
+    return _playwright
+
+
 @contextmanager
 def browser_page(width: int = 1400, height: int = 900, locale: str = "en-US"):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS, headless=True)
-        try:
-            context = browser.new_context(viewport={"width": width, "height": height}, locale=locale)
-            page = context.new_page()
-            page.console_errors = []  # type: ignore[attr-defined]
-            page.on("console", lambda m: m.type == "error" and page.console_errors.append(m.text))
-            page.on("pageerror", lambda e: page.console_errors.append(str(e)))
-            page.failed_requests = []  # type: ignore[attr-defined]
-            page.on("response", lambda r: r.status >= 400 and page.failed_requests.append(f"{r.status} {r.url}"))
-            yield page
-        finally:
-            browser.close()
+    """A fresh headless Chromium (its own process) with one page; pages of several calls may be open at once."""
+    browser = _driver().chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS, headless=True)
+    try:
+        context = browser.new_context(viewport={"width": width, "height": height}, locale=locale)
+        page = context.new_page()
+        page.console_errors = []  # type: ignore[attr-defined]
+        page.on("console", lambda m: m.type == "error" and page.console_errors.append(m.text))
+        page.on("pageerror", lambda e: page.console_errors.append(str(e)))
+        page.failed_requests = []  # type: ignore[attr-defined]
+        page.on("response", lambda r: r.status >= 400 and page.failed_requests.append(f"{r.status} {r.url}"))
+        yield page
+    finally:
+        browser.close()
 
 
 def open_comfyui(page, server, timeout_ms: int = 120_000, locale: str = "en") -> None:
