@@ -84,3 +84,20 @@ def test_cli_writes_prompts_renders_and_judges(tmp_path, capsys):
     assert json.loads((tmp_path / "s.json").read_text())["images"] == 5
     assert selma_main(["world", "render", "--out", str(tmp_path / "f")]) == 2  # neither --prompts nor --skill
     assert selma_main(["world", "prompts", "--skill", "world_whoops", "--n", "5", "--out", str(prompts)]) == 2
+
+
+def test_a_tight_scene_whose_first_50_tries_fail_still_renders(tmp_path):
+    """'A yellow star above a little orange star' (seed 0, sample 0) finds no placement in sample_scene's
+    first 50 tries; the writer keeps drawing from the same generator instead of stopping the dataset."""
+    import random
+
+    from selma_backend.world.dataset import scene_seed
+    from selma_backend.world.scene import sample_scene
+    from selma_backend.world.spec import PromptSpec
+
+    (row,) = [r for r in world_prompts("world_spatial", 1400, seed=0) if r["id"] == "world_spatial-t001336"]
+    with pytest.raises(SelmaError, match="no room"):
+        sample_scene(PromptSpec.from_dict(row["spec"]), random.Random(scene_seed(0, row["id"], 0)))
+    report = render_world_dataset([row], tmp_path / "d", WorldRenderConfig(resolution=64, seed=0))
+    assert report.rendered == 1
+    assert judge_dataset(tmp_path / "d")["score"] == 1.0
