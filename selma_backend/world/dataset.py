@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import SelmaError, invalid
+from ..errors import SelmaError, check_int, invalid
 from ..render import dataset as ds
 from .captions import parse_caption
 from .scene import Scene, render_scene, sample_scene
@@ -41,9 +41,7 @@ class WorldRenderConfig:
     def __post_init__(self) -> None:
         for name, lo, hi in (("resolution", 16, 512), ("supersample", 1, 8), ("images_per_prompt", 1, 1000),
                              ("seed", 0, 2**63 - 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-                raise invalid(name, value, f"an integer from {lo} to {hi}")
+            check_int(name, getattr(self, name), lo, hi)
 
     def settings(self) -> dict[str, Any]:
         """What changes the images (dataset.json refuses to mix other settings into one folder)."""
