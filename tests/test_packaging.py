@@ -116,7 +116,10 @@ def test_a_built_wheel_carries_the_pack_and_loads_without_comfyui(tmp_path):
                  "selma_backend/cli.py", "selma_backend/prompts/offline_vocab.json",
                  "comfyui_selma/workflows/selma_full_pipeline.jpg",  # template browser thumbnails
                  "selma_backend/world/assets/world-clip/open_clip_model.safetensors",  # the shipped world CLIP
-                 "comfyui_selma/selma_backend/world/assets/world-clip/open_clip_config.json"):
+                 "comfyui_selma/selma_backend/world/assets/world-clip/open_clip_config.json",
+                 "selma_backend/world/assets/world-sd/unet/diffusion_pytorch_model.safetensors",  # the world's SD
+                 "selma_backend/world/assets/world-sd/model_index.json",
+                 "comfyui_selma/selma_backend/world/assets/world-sd-small/tokenizer/vocab.json"):
         assert must in names, must
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],

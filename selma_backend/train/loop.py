@@ -192,7 +192,8 @@ class _Loop:
         run, cfg = self.run, self.cfg
         n = len(views)
         w, h = run.samples[views[0][0]].size
-        noise = torch.randn((n, 4, h // 8, w // 8), generator=gen)
+        f = int(getattr(run.pipe, "vae_scale_factor", 8))  # 8 for SD's VAE; the world model's VAE is 4
+        noise = torch.randn((n, run.pipe.unet.config.in_channels, h // f, w // f), generator=gen)
         if cfg.noise_offset:
             noise = noise + cfg.noise_offset * torch.randn((n, 4, 1, 1), generator=gen)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=gen)

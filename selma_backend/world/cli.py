@@ -7,18 +7,24 @@
     selma world skills --out my_skills/        # world skills as SELMA skill files (SELMA_SKILLS_DIR)
     selma world train-clip --out work/world-clip --steps 1000 --seed 0 --threads 1   # a small CLIP of the world
     selma world eval-clip --model work/world-clip --n 100   # held-out minimal pairs, agreement with the judge
+    selma world train-sd --out work/world-sd --preset large --seed 0 --threads 1   # the shipped world-sd (~1 h)
+    selma world train-sd --out work/world-sd-small --preset small --seed 0 \
+        --threads 1    # the weak model (its VAE is the same: one recipe, one seed; --vae-from DIR skips retraining it)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from ..errors import SelmaError
 from ..fsio import atomic_write_json
 from .clip_eval import WORLD_CLIP, evaluate_clip, format_table
 from .clip_train import MODEL_PRESETS, ClipTrainConfig, train_clip
 from .dataset import WorldRenderConfig, judge_dataset, render_world_dataset
+from .sd_model import SD_PRESETS
+from .sd_train import SdTrainConfig, train_world_sd
 from .skills import SPLITS, WORLD_SKILLS, world_prompts, write_prompts, write_skill_files
 
 
@@ -58,11 +64,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="share of spatial scenes, their relation altered first (0: all skills evenly)")
     t.add_argument("--eval-n", type=int, default=100, help="held-out prompts per measure after training (0: skip)")
     t.add_argument("--force", action="store_true", help="replace a world CLIP folder this command made")
+    _train_sd_args(sub)
     e = sub.add_parser("eval-clip", help="score a CLIP on held-out minimal pairs and against the judge")
     e.add_argument("--model", default=str(WORLD_CLIP), help="open_clip folder (default: the shipped world CLIP)")
     e.add_argument("--n", type=int, default=100, help="held-out prompts per measure")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", help="also write the result as JSON here")
+
+
+def _train_sd_args(sub: Any) -> None:
+    d = sub.add_parser("train-sd", help="train the world's small Stable Diffusion (VAE, then UNet; CPU, seeded, resumable)")
+    d.add_argument("--out", required=True, help="diffusers folder to write (never overwritten without --force)")
+    d.add_argument("--preset", default=SdTrainConfig.preset, choices=list(SD_PRESETS))
+    for name in ("steps", "batch_size", "warmup", "vae_steps", "vae_batch_size", "seed", "threads", "checkpoint_every"):
+        d.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(SdTrainConfig, name))
+    for name in ("lr", "ema", "cfg_dropout", "min_snr_gamma", "vae_lr", "minutes"):
+        d.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(SdTrainConfig, name))
+    d.add_argument("--vae-from", default="", metavar="DIR", help="reuse this world-sd folder's VAE (skip stage 1)")
+    d.add_argument("--force", action="store_true", help="replace a world-sd folder this command made")
 
 
 def _prompt_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -95,6 +114,13 @@ def run(args: argparse.Namespace) -> int:
             print(path)
     elif cmd == "train-clip":
         _train_clip(args)
+    elif cmd == "train-sd":
+        names = ("preset", "steps", "batch_size", "warmup", "vae_steps", "vae_batch_size", "seed", "threads", "checkpoint_every", "lr",
+                 "ema", "cfg_dropout", "min_snr_gamma", "vae_lr", "minutes")
+        config = SdTrainConfig(**{n: getattr(args, n) for n in names})
+        out = train_world_sd(config, args.out, vae_from=args.vae_from or None, force=args.force,
+                             say=lambda m: print(m, flush=True))
+        print(f"{out}: written")
     elif cmd == "eval-clip":
         result = evaluate_clip(args.model, args.n, args.seed)
         if args.out:
