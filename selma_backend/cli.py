@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": (".train.cli", "stage 4: train one LoRA expert per skill dataset (resumable, data-parallel)"),
     "merge": (".merge.cli", "stage 5: merge LoRA experts into one file (linear, svd, ties, dare) and report its error"),
     "world": (".world.cli", "the shapes world: ground-truth prompts, images and an exact judge, on a CPU"),
+    "reproduce": (".world.reproduce", "SELMA end to end in the shapes world: every arm, bootstrap CIs, claims"),
 }
 
 
