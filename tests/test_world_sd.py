@@ -11,7 +11,14 @@ from safetensors.torch import load_file
 
 from selma_backend.errors import SelmaError
 from selma_backend.world.clip_eval import WORLD_CLIP
-from selma_backend.world.sd_model import CONTEXT, RECORD_FILE, WORLD_SD, WORLD_SD_SMALL, load_text_encoder, write_tokenizer
+from selma_backend.world.sd_model import (
+    CONTEXT,
+    RECORD_FILE,
+    WORLD_SD,
+    WORLD_SD_SMALL,
+    load_text_encoder,
+    write_tokenizer,
+)
 from selma_backend.world.sd_train import SdTrainConfig, sample_batch, train_unet, train_world_sd
 
 TINY = SdTrainConfig(preset="tiny", steps=3, vae_steps=2, batch_size=2, log_every=1, checkpoint_every=2, threads=1)
