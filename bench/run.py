@@ -107,7 +107,7 @@ def e2e_stage(size: str, repeats: int) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="selma-bench-e2e-") as tmp:
             t0 = time.perf_counter()
             manifest = run_demo(Path(tmp) / "demo", skills, count, 0, say=lambda _m: None,
-                                images_per_prompt=per_prompt, steps=steps)
+                                images_per_prompt=per_prompt, steps=steps, tiny=True, eval_count=4)
             seconds.append(time.perf_counter() - t0)
     wall = statistics.median(seconds)
     print(f"e2e  selma demo ({', '.join(skills)}; {count} prompts a skill, {per_prompt} images a prompt, "

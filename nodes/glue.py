@@ -67,12 +67,23 @@ def model_path(folder: str, name: str) -> Path:
     return Path(path)
 
 
+#: The models shipped in the pack (the world's: ``world-sd``, ``world-sd-small``, ``world-clip``).
+PACK_ASSETS = Path(__file__).resolve().parents[1] / "selma_backend" / "world" / "assets"
+#: Model folder names whose SELMA listings (:func:`folder_models`) also search the pack's assets, after
+#: ComfyUI's own folders (a user's model of the same name wins). Only SELMA's loaders see them: ComfyUI
+#: lists ``clip`` (= ``text_encoders``) files recursively for its native loaders, which cannot load these
+#: models' parts, and never ``checkpoints`` (CheckpointLoaderSimple cannot load a VAE-factor-4 model).
+PACK_MODEL_FOLDERS = {"diffusers": (PACK_ASSETS,), "clip": (PACK_ASSETS,)}
+
+
 def model_folders(folder: str) -> list[Path]:
-    """Every directory ComfyUI searches for a model folder name (extra_model_paths included)."""
+    """Every directory searched for a model folder name: ComfyUI's (extra_model_paths included), then the
+    pack's shipped models for the names in :data:`PACK_MODEL_FOLDERS`."""
     try:
-        return [Path(p) for p in folder_paths.get_folder_paths(folder)]
+        comfy = [Path(p) for p in folder_paths.get_folder_paths(folder)]
     except KeyError:
-        return []
+        comfy = []
+    return comfy + [p for p in PACK_MODEL_FOLDERS.get(folder, ()) if p not in comfy]
 
 
 def folder_models(folder: str, marker: str) -> list[str]:

@@ -25,25 +25,36 @@ OUT = Path(__file__).resolve().parents[1] / "workflows"
 LOAD = {"dtype": "auto", "device": "auto", "prediction_type": "auto", "vae_slicing": False, "vae_tiling": False,
         "allow_pickle": False}
 GEN = {"dedup_threshold": 0.8, "examples_per_request": 3, "batch_size": 20, "blocklist": ""}
-RENDER = {"dataset_name": "", "images_per_prompt": 2, "batch_size": 4, "steps": 20, "cfg": 7.5, "width": 0,
-          "height": 0, "scheduler": "dpmpp_2m_karras", "negative": "", "seed": 0}
+# The SELMA-node workflows run on the shipped world model (selma_backend/world/assets, listed by SELMA's loaders):
+# a 64 px Stable Diffusion of the miniature world, its CLIP, and the world's skills with the offline prompt writer
+# (the world generator's captions). Settings are real-use ones for that model (as `selma world reproduce` uses):
+# 64 px, 20 dpmpp_2m steps at cfg 4, rank-8 LoRAs trained 200 steps on batches of 16 at lr 1e-3.
+RENDER = {"dataset_name": "", "images_per_prompt": 2, "batch_size": 32, "steps": 20, "cfg": 4.0, "width": 64,
+          "height": 64, "scheduler": "dpmpp_2m", "negative": "", "seed": 0}
 FILTER = {"mode": "top_k_per_prompt", "threshold": 0.28, "keep_fraction": 0.5, "top_k": 1, "floor": -1.0,
           "per_skill": "", "dedup_cosine": 0.97, "min_pixel_std": 2.0}
-CLIP = {"clip_model": "selma-tiny-clip", "arch": "", "device": "auto", "dtype": "auto", "batch_size": 64}
-SELMA_MODEL = "selma-mini-sd15.safetensors"  # one checkpoint through every stage (and apply-experts): a user picks theirs
-# Stage 4: the paper's recipe (0 = the node's paper default: 5,000 steps, batch 8 x 8 accumulation, 512 px).
-TRAIN = {"name": "experts", "steps": 0, "rank": 128, "alpha": 128.0, "learning_rate": 3e-4, "batch_size": 0,
-         "grad_accum": 0, "resolution": 0, "preset": "selma", "text_encoder_lora": False, "lr_schedule": "constant",
+CLIP = {"clip_model": "world-clip", "arch": "", "device": "auto", "dtype": "auto", "batch_size": 64}
+SELMA_MODEL = "diffusers/world-sd"  # the shipped world model through every SELMA stage: a user picks theirs
+# ComfyUI's native CheckpointLoaderSimple cannot load world-sd (a diffusers folder whose VAE downsamples by 4, not 8),
+# so the native-node workflows (native render, apply experts) stay on a real SD 1.x checkpoint; the tests install
+# a mini SD 1.5 under this name (tests/conftest.py TINY_INSTALL). A user picks their own checkpoint there.
+NATIVE_MODEL = "selma-mini-sd15.safetensors"
+SKILL_1, SKILL_2 = "world_counting", "world_spatial"
+# Stage 4 on the world model: rank 8, 200 steps, batch 16 at 64 px (the paper's recipe is for 512 px SD models).
+TRAIN = {"name": "experts", "steps": 200, "rank": 8, "alpha": 8.0, "learning_rate": 1e-3, "batch_size": 16,
+         "grad_accum": 1, "resolution": 64, "preset": "selma", "text_encoder_lora": False, "lr_schedule": "constant",
          "warmup_steps": 0, "min_snr_gamma": 0.0, "noise_offset": 0.0, "flip": "skill", "score_weighting": "none",
-         "mixed_precision": "auto", "gradient_checkpointing": False, "checkpoint_every": 500, "validation_every": 500,
+         "mixed_precision": "auto", "gradient_checkpointing": False, "checkpoint_every": 100, "validation_every": 100,
          "seed": 0, "resume": True, "overwrite": False}
-MERGE = {"method": "svd", "weights": "", "rank": 0, "density": 0.5, "block_weights": "", "seed": 0, "name": "merged"}
-EVAL = {"prompts_file": "", "heldout_count": 100, "heldout_seed": 1000, "max_per_skill": 0, "steps": 25, "cfg": 7.5,
-        "width": 0, "height": 0, "scheduler": "dpmpp_2m_karras", "seed": 0, "samples": 1, "batch_size": 4,
+MERGE = {"method": "svd", "weights": "", "rank": 0, "density": 0.5, "block_weights": "", "seed": 0, "name": "world-merged"}
+EVAL = {"prompts_file": "", "heldout_count": 100, "heldout_seed": 1000, "max_per_skill": 0, "steps": 20, "cfg": 4.0,
+        "width": 64, "height": 64, "scheduler": "dpmpp_2m", "seed": 0, "samples": 1, "batch_size": 32,
         "vqa_url": "", "vqa_model": "", "report_name": "eval"}
 NO_LORA = {"lora_1": "(none)", "lora_2": "(none)", "lora_3": "(none)"}
-EXPERTS = "selma/experts/countbench.safetensors\nselma/experts/spatial.safetensors"  # what stage 4 writes
-MERGED = "selma/merged.safetensors"  # what stage 5 writes
+EXPERTS = f"selma/experts/{SKILL_1}.safetensors\nselma/experts/{SKILL_2}.safetensors"  # what stage 4 writes
+WORLD_MERGED = "selma/world-merged.safetensors"  # what stage 5 writes (merge name "world-merged")
+# apply-experts: a merge of experts trained on the user's SD checkpoint (a world-sd merge patches only world-sd).
+MERGED = "selma/merged.safetensors"
 
 
 def _train(model: tuple, data: tuple, *more: tuple, prompts: str) -> dict:
@@ -53,7 +64,7 @@ def _train(model: tuple, data: tuple, *more: tuple, prompts: str) -> dict:
 
 SPECS = {
     "selma_stage2_render": [
-        (1, "SelmaSkill", {"skill_id": "countbench"}, 0),
+        (1, "SelmaSkill", {"skill_id": SKILL_1}, 0),
         (2, "SelmaGeneratePrompts", {"skill": (1, 0), "count": 20, "seed": 0, "project": "selma", **GEN}, 1),
         (3, "SelmaLoadModel", {"checkpoint": SELMA_MODEL, **LOAD}, 0),
         (4, "SelmaRenderDataset", {"model": (3, 0), "prompts": (2, 0), **RENDER}, 2),
@@ -61,7 +72,7 @@ SPECS = {
         (6, "PreviewAny", {"source": (4, 2)}, 3),
     ],
     "selma_stage3_filter_review": [
-        (1, "SelmaSkill", {"skill_id": "countbench"}, 0),
+        (1, "SelmaSkill", {"skill_id": SKILL_1}, 0),
         (2, "SelmaGeneratePrompts", {"skill": (1, 0), "count": 8, "seed": 0, "project": "selma", **GEN}, 1),
         (3, "SelmaLoadModel", {"checkpoint": SELMA_MODEL, **LOAD}, 0),
         (4, "SelmaRenderDataset", {"model": (3, 0), "prompts": (2, 0), **RENDER}, 2),
@@ -70,8 +81,9 @@ SPECS = {
         (7, "SelmaReviewDataset", {"dataset": (6, 0)}, 4),
         (8, "PreviewAny", {"source": (6, 1)}, 3),
     ],
+    # ComfyUI's own sampler writing into a SELMA dataset: native nodes, so a real SD checkpoint (see NATIVE_MODEL).
     "selma_native_render": [
-        (1, "CheckpointLoaderSimple", {"ckpt_name": SELMA_MODEL}, 0),
+        (1, "CheckpointLoaderSimple", {"ckpt_name": NATIVE_MODEL}, 0),
         (2, "PrimitiveStringMultiline", {"value": "two ceramic mugs on a white background, product photo"}, 0),
         (3, "CLIPTextEncode", {"clip": (1, 1), "text": (2, 0)}, 1),
         (4, "CLIPTextEncode", {"clip": (1, 1), "text": "blurry, watermark"}, 1),
@@ -85,11 +97,11 @@ SPECS = {
     ],
     # Stages 1-6 in one graph: two skills -> prompts -> render -> filter -> two experts -> merge -> evaluate.
     "selma_full_pipeline": [
-        (1, "SelmaSkill", {"skill_id": "countbench"}, 0, "Skill 1"),
-        (2, "SelmaSkill", {"skill_id": "spatial"}, 0, "Skill 2"),
-        (3, "SelmaGeneratePrompts", {"skill": (1, 0), "count": 1000, "seed": 0, "project": "selma", **GEN}, 1,
+        (1, "SelmaSkill", {"skill_id": SKILL_1}, 0, "Skill 1"),
+        (2, "SelmaSkill", {"skill_id": SKILL_2}, 0, "Skill 2"),
+        (3, "SelmaGeneratePrompts", {"skill": (1, 0), "count": 200, "seed": 0, "project": "selma", **GEN}, 1,
          "Prompts: skill 1"),
-        (4, "SelmaGeneratePrompts", {"skill": (2, 0), "count": 1000, "seed": 0, "project": "selma", **GEN}, 1,
+        (4, "SelmaGeneratePrompts", {"skill": (2, 0), "count": 200, "seed": 0, "project": "selma", **GEN}, 1,
          "Prompts: skill 2"),
         (5, "SelmaLoadModel", {"checkpoint": SELMA_MODEL, **LOAD}, 2),
         (6, "SelmaRenderDataset", {"model": (5, 0), "prompts": (3, 0), **RENDER}, 2, "Render: skill 1"),
@@ -97,8 +109,8 @@ SPECS = {
         (8, "SelmaLoadClip", CLIP, 3),
         (9, "SelmaFilterDataset", {"dataset": (6, 0), "clip": (8, 0), **FILTER}, 3, "Filter: skill 1"),
         (10, "SelmaFilterDataset", {"dataset": (7, 0), "clip": (8, 0), **FILTER}, 3, "Filter: skill 2"),
-        (11, "SelmaTrainExperts", _train((5, 0), (9, 0), (10, 0), prompts="three red apples on a wooden table\n"
-                                         "a cat to the left of a dog"), 4),
+        (11, "SelmaTrainExperts", _train((5, 0), (9, 0), (10, 0), prompts="three red circles\n"
+                                         "a yellow star to the left of a green triangle"), 4),
         (12, "PreviewImage", {"images": (11, 2)}, 5, "Loss curves"),
         (13, "PreviewAny", {"source": (11, 3)}, 5, "Training report"),
         (14, "SelmaMergeExperts", {"lora_names": "", **MERGE, "experts": (11, 0)}, 6),
@@ -111,41 +123,40 @@ SPECS = {
     ],
     # Stage 4 alone: one skill's data, one expert in models/loras/selma/experts/<skill>.safetensors.
     "selma_stage4_train": [
-        (1, "SelmaSkill", {"skill_id": "countbench"}, 0),
-        (2, "SelmaGeneratePrompts", {"skill": (1, 0), "count": 1000, "seed": 0, "project": "selma", **GEN}, 1),
+        (1, "SelmaSkill", {"skill_id": SKILL_1}, 0),
+        (2, "SelmaGeneratePrompts", {"skill": (1, 0), "count": 200, "seed": 0, "project": "selma", **GEN}, 1),
         (3, "SelmaLoadModel", {"checkpoint": SELMA_MODEL, **LOAD}, 2),
         (4, "SelmaRenderDataset", {"model": (3, 0), "prompts": (2, 0), **RENDER}, 2),
         (5, "SelmaLoadClip", CLIP, 3),
         (6, "SelmaFilterDataset", {"dataset": (4, 0), "clip": (5, 0), **FILTER}, 3),
-        (7, "SelmaTrainExperts", _train((3, 0), (6, 0), prompts="three red apples on a wooden table"), 4),
+        (7, "SelmaTrainExperts", _train((3, 0), (6, 0), prompts="three red circles"), 4),
         (8, "PreviewImage", {"images": (7, 2)}, 5, "Loss curve"),
         (9, "PreviewAny", {"source": (7, 1)}, 5, "Expert file (for Load LoRA / merging)"),
         (10, "PreviewAny", {"source": (7, 3)}, 5, "Training report"),
     ],
-    # Stage 5 alone: experts listed by name -> one merged file, checked against your checkpoint.
+    # Stage 5 alone: world experts listed by name -> one merged file in models/loras/selma/ with its error report.
+    # (No native check against a checkpoint here: ComfyUI's CheckpointLoaderSimple cannot load world-sd.)
     "selma_stage5_merge": [
         (1, "SelmaMergeExperts", {"lora_names": EXPERTS, **MERGE}, 0),
-        (2, "CheckpointLoaderSimple", {"ckpt_name": SELMA_MODEL}, 0),
-        (3, "SelmaApplyExperts", {"model": (2, 0), "clip": (2, 1), "lora_names": "", "strength_model": 1.0,
-                                  "strength_clip": 1.0, "strengths": "", "lora_name": (1, 0)}, 1,
-         "Check the merge against your checkpoint"),
-        (4, "PreviewAny", {"source": (3, 2)}, 2, "Keys matched"),
+        (2, "PreviewAny", {"source": (1, 1)}, 1, "Merge report"),
+        (3, "PreviewAny", {"source": (1, 0)}, 1, "Merged LoRA (for SELMA Evaluate)"),
     ],
     # Stage 6 alone: base vs an expert vs the merge on held-out prompts of the training prompts' skill.
     "selma_stage6_evaluate": [
-        (1, "SelmaSkill", {"skill_id": "countbench"}, 0),
-        (2, "SelmaGeneratePrompts", {"skill": (1, 0), "count": 1000, "seed": 0, "project": "selma", **GEN}, 0,
+        (1, "SelmaSkill", {"skill_id": SKILL_1}, 0),
+        (2, "SelmaGeneratePrompts", {"skill": (1, 0), "count": 200, "seed": 0, "project": "selma", **GEN}, 0,
          "Training prompts (same settings as stage 4)"),
         (3, "SelmaLoadModel", {"checkpoint": SELMA_MODEL, **LOAD}, 1),
         (4, "SelmaLoadClip", CLIP, 1),
-        (5, "SelmaEvaluate", {"model": (3, 0), "clip": (4, 0), "lora_1": "selma/experts/countbench.safetensors",
-                              "lora_2": MERGED, "lora_3": "(none)", **EVAL, "train_prompts": (2, 0)}, 2),
+        (5, "SelmaEvaluate", {"model": (3, 0), "clip": (4, 0), "lora_1": f"selma/experts/{SKILL_1}.safetensors",
+                              "lora_2": WORLD_MERGED, "lora_3": "(none)", **EVAL, "train_prompts": (2, 0)}, 2),
         (6, "PreviewAny", {"source": (5, 1)}, 3, "Evaluation table"),
         (7, "PreviewAny", {"source": (5, 2)}, 3, "Report folder (open index.html)"),
     ],
-    # Everyday use: your own checkpoint and sampler with the merged SELMA LoRA.
+    # Everyday use: your own SD checkpoint and sampler with a merged SELMA LoRA trained on it (native nodes:
+    # they cannot load world-sd, so this one stays on a real SD 1.x checkpoint; see NATIVE_MODEL).
     "selma_apply_experts": [
-        (1, "CheckpointLoaderSimple", {"ckpt_name": SELMA_MODEL}, 0, "Your checkpoint"),
+        (1, "CheckpointLoaderSimple", {"ckpt_name": NATIVE_MODEL}, 0, "Your checkpoint"),
         (2, "SelmaApplyExperts", {"model": (1, 0), "clip": (1, 1), "lora_names": MERGED, "strength_model": 1.0,
                                   "strength_clip": 1.0, "strengths": ""}, 0),
         (3, "CLIPTextEncode", {"clip": (2, 1), "text": "three red apples to the left of a blue cup on a wooden table"},

@@ -1,4 +1,11 @@
-"""``selma demo``: the whole pipeline on embedded defaults — offline, on CPU, no weights needed.
+"""``selma demo``: the whole pipeline on embedded defaults — offline, on CPU, nothing to download.
+
+By default it runs on the models shipped in the pack: the miniature world's Stable Diffusion
+(``world-sd``, 64 px) renders, trains and is evaluated, the world CLIP (``world-clip``) filters and
+scores, and the world's skills (``world_counting``, ``world_spatial``) get their prompts from the world
+generator (the offline prompt writer). The base model and the merged experts are then compared on
+held-out world prompts by the world's exact judge, with a before/after grid (:mod:`.demo_world`).
+``--tiny`` runs the same stages on random tiny models instead (seconds; only the plumbing is shown).
 
 Each stage writes its artefact under ``--out`` and the next stage reads it from disk, exactly as
 the nodes and the other commands do. Stages that are not built yet are listed as such, never
@@ -15,38 +22,52 @@ from pathlib import Path
 from .errors import invalid
 from .fsio import atomic_write_json, sha256_file
 
-DEFAULT_SKILLS = ("countbench", "spatial")
+DEFAULT_SKILLS = ("world_counting", "world_spatial")
+TINY_SKILLS = ("countbench", "spatial")  # --tiny without --skills
 #: Stages the demo cannot run yet, shown so nobody mistakes the demo's end for the pipeline's.
 PENDING_STAGES: tuple[str, ...] = ()
-STEPS = 7  # stage count printed as [i/STEPS]
-TRAIN_STEPS = 20
+STEPS = 8  # stage count printed as [i/STEPS]
+#: Settings per mode: the world model's real-use values (64 px, as `selma world reproduce`), the tiny ones' quick ones.
+WORLD = {"steps": 20, "cfg": 4.0, "scheduler": "dpmpp_2m", "train_steps": 100, "train_batch": 8, "rank": 8}
+TINY = {"steps": 8, "cfg": 7.5, "scheduler": "euler", "train_steps": 20, "train_batch": 4, "rank": 8}
+TRAIN_STEPS = TINY["train_steps"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="selma-demo", help="folder for every artefact (default: %(default)s)")
-    parser.add_argument("--skills", default=",".join(DEFAULT_SKILLS), help="comma-separated skill ids (default: %(default)s)")
+    parser.add_argument("--skills", default=None,
+                        help=f"comma-separated skill ids (default: {','.join(DEFAULT_SKILLS)}; --tiny: {','.join(TINY_SKILLS)})")
     parser.add_argument("--count", type=int, default=24, help="prompts per skill (default: %(default)s)")
     parser.add_argument("--images-per-prompt", type=int, default=2, help="images per prompt (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=8, help="denoising steps (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"denoising steps (default: {WORLD['steps']}; --tiny: {TINY['steps']})")
+    parser.add_argument("--train-steps", type=int, default=None,
+                        help=f"LoRA steps per expert (default: {WORLD['train_steps']}; --tiny: {TINY['train_steps']})")
+    parser.add_argument("--eval-count", type=int, default=8, help="held-out prompts per skill for evaluation (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default="", help="diffusers folder to run on (default: the shipped world-sd)")
+    parser.add_argument("--clip", default="", help="open_clip folder to filter and score with (default: the shipped world-clip)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="random tiny models instead of the world's (seconds; shows the plumbing, not an effect)")
 
 
-def run_demo(out: Path, skills: list[str], count: int, seed: int, say=print, *, images_per_prompt: int = 2,
-             steps: int = 8) -> dict:
+def run_demo(out: Path, skills: list[str] | None, count: int, seed: int, say=print, *, images_per_prompt: int = 2,
+             steps: int | None = None, train_steps: int | None = None, eval_count: int = 8, tiny: bool = False,
+             model: str | Path = "", clip: str | Path = "") -> dict:
     """Run every built stage in order; return the manifest that is also written to out/demo.json."""
     from .prompts.generate import PromptConfig, generate_prompts
     from .render.config import RenderConfig
     from .skills import resolve_skill
-    from .tiny_models import write_tiny_models
 
-    if count < 1:
-        raise invalid("count", count, "an integer >= 1")
-    render_config = RenderConfig(images_per_prompt=images_per_prompt, steps=steps, batch_size=8, seed=seed,
-                                 scheduler="euler")  # checked before any time is spent
-    resolved = [resolve_skill(s) for s in skills]
+    mode = TINY if tiny else WORLD
+    for name, value in (("count", count), ("eval_count", eval_count)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise invalid(name, value, "an integer >= 1")
+    render_config = RenderConfig(images_per_prompt=images_per_prompt, steps=steps or mode["steps"], batch_size=8,
+                                 seed=seed, cfg=mode["cfg"], scheduler=mode["scheduler"])  # checked before any time is spent
+    resolved = [resolve_skill(s) for s in (skills or (TINY_SKILLS if tiny else DEFAULT_SKILLS))]
     start = time.perf_counter()
-    say(f"[1/{STEPS}] tiny models → {out / 'models'}")
-    models = write_tiny_models(out / "models", seed=seed, log=lambda m: say("      " + m))
+    models = _models(out, tiny, model, clip, seed, say)
     prompts = {}
     for i, skill in enumerate(resolved, 1):
         path = out / "prompts" / f"{skill.id}.jsonl"
@@ -55,27 +76,52 @@ def run_demo(out: Path, skills: list[str], count: int, seed: int, say=print, *, 
         say(f"      {report.status}: {report.existing + report.written} prompts, {report.requests} requests, "
             f"rejected {sum(report.rejected.values())}")
         prompts[skill.id] = str(path)
-    datasets = _render(out, models["sd1"], prompts, render_config, say)
+    datasets = _render(out, models["sd"], prompts, render_config, say)
     filtered = _filter(models["clip"], datasets, say)
-    experts = _train(out, models["sd1"], datasets, seed, say)
+    experts = _train(out, models["sd"], datasets, seed, say, steps=train_steps or mode["train_steps"],
+                     batch=mode["train_batch"], rank=mode["rank"])
     merged = _merge(out, experts, say)
-    report = _evaluate(out, models, prompts, experts, merged, render_config, seed, say)
-    manifest = {"models": {k: str(v) for k, v in models.items()}, "prompts": prompts, "datasets": datasets,
-                "filter": filtered, "experts": experts, "merged": merged, "report": report,
-                "pending_stages": list(PENDING_STAGES),
-                "seconds": round(time.perf_counter() - start, 1)}
+    evaluation = _evaluate(out, models, prompts, experts, merged, render_config, seed, eval_count, say)
+    judged = _judge(out, evaluation, list(prompts), say)
+    manifest = {"mode": "tiny" if tiny else "world", "models": {k: str(v) for k, v in models.items()},
+                "prompts": prompts, "datasets": datasets, "filter": filtered, "experts": experts, "merged": merged,
+                "report": str(Path(evaluation["out_dir"]) / "index.html"), "clip_scores": evaluation["clip"],
+                **judged, "pending_stages": list(PENDING_STAGES), "seconds": round(time.perf_counter() - start, 1)}
     atomic_write_json(out / "demo.json", manifest)
     return manifest
 
 
-def _render(out: Path, sd1: Path, prompts: dict[str, str], config, say) -> dict[str, str]:
-    """Stage 2 with the tiny SD-1.x folder: one dataset per skill (resumes what exists)."""
+def _models(out: Path, tiny: bool, model: str | Path, clip: str | Path, seed: int, say) -> dict[str, Path]:
+    """Stage 1: the shipped world models (or ``--model``/``--clip``), or freshly written tiny ones.
+    ``sd`` renders, trains and is evaluated; ``clip`` filters and scores."""
+    if tiny:
+        from .tiny_models import write_tiny_models
+
+        say(f"[1/{STEPS}] tiny models → {out / 'models'}")
+        models = write_tiny_models(out / "models", seed=seed, log=lambda m: say("      " + m))
+        return {"sd": Path(model) if model else models["sd1"], "clip": Path(clip) if clip else models["clip"],
+                **{k: v for k, v in models.items() if k not in ("sd", "clip")}}
+    from .world.clip_eval import WORLD_CLIP
+    from .world.sd_model import WORLD_SD
+
+    sd, scorer = Path(model or WORLD_SD), Path(clip or WORLD_CLIP)
+    if not (sd / "model_index.json").is_file():
+        raise invalid("model", str(sd), "a diffusers folder (model_index.json); the pack ships world-sd there",
+                      "reinstall the pack, pass --model DIR, or run --tiny")
+    if not (scorer / "open_clip_config.json").is_file():
+        raise invalid("clip", str(scorer), "an open_clip folder (open_clip_config.json)", "pass --clip DIR")
+    say(f"[1/{STEPS}] world models: {sd.name} renders, trains and is evaluated; {scorer.name} filters and scores")
+    return {"sd": sd, "clip": scorer}
+
+
+def _render(out: Path, sd: Path, prompts: dict[str, str], config, say) -> dict[str, str]:
+    """Stage 2: one dataset per skill (resumes what exists)."""
     from .models.config import ModelConfig
     from .models.loader import load_pipeline
     from .render.render import render_dataset
 
     datasets = {}
-    with load_pipeline(ModelConfig(path=str(sd1))) as lp:
+    with load_pipeline(ModelConfig(path=str(sd))) as lp:
         for skill, path in prompts.items():
             target = out / "datasets" / skill
             say(f"[3/{STEPS}] render {skill} → {target}")
@@ -87,7 +133,7 @@ def _render(out: Path, sd1: Path, prompts: dict[str, str], config, say) -> dict[
 
 
 def _filter(clip: Path, datasets: dict[str, str], say) -> dict[str, dict]:
-    """Stage 3 with the tiny open_clip model: keep the best image of each prompt."""
+    """Stage 3: keep the best image of each prompt by CLIP score."""
     from .filter import FilterConfig, ScorerConfig, filter_dataset, load_scorer
 
     results = {}
@@ -100,15 +146,16 @@ def _filter(clip: Path, datasets: dict[str, str], say) -> dict[str, dict]:
     return results
 
 
-def _train(out: Path, sd1: Path, datasets: dict[str, str], seed: int, say) -> dict[str, str]:
+def _train(out: Path, sd: Path, datasets: dict[str, str], seed: int, say, *, steps: int, batch: int,
+           rank: int) -> dict[str, str]:
     """Stage 4: one small LoRA expert per skill on the kept images (finished experts are kept on re-runs)."""
     from .models.config import ModelConfig
     from .train import TrainConfig, train_experts
 
-    config = TrainConfig(rank=8, alpha=8, steps=TRAIN_STEPS, batch_size=4, grad_accum=1, resolution=64,
-                         checkpoint_every=10, seed=seed, lr=1e-3)
-    say(f"[5/{STEPS}] train {len(datasets)} experts ({TRAIN_STEPS} steps each) → {out / 'experts'}")
-    results = train_experts(ModelConfig(path=str(sd1)), list(datasets.values()), out / "experts", config,
+    config = TrainConfig(rank=rank, alpha=rank, steps=steps, batch_size=batch, grad_accum=1, resolution=64,
+                         checkpoint_every=max(10, steps // 2), seed=seed, lr=1e-3)
+    say(f"[5/{STEPS}] train {len(datasets)} experts ({steps} steps each) → {out / 'experts'}")
+    results = train_experts(ModelConfig(path=str(sd)), list(datasets.values()), out / "experts", config,
                             names=list(datasets), resume=True, overwrite=True)  # retrained only if its data changed
     for r in results:
         state = "already trained" if r.skipped else f"final loss {r.final_loss:.4f}, {r.samples_per_s:.1f} samples/s"
@@ -140,41 +187,71 @@ def _merged_from(path: Path) -> set[str]:
 
 
 def _evaluate(out: Path, models: dict, prompts: dict[str, str], experts: dict[str, str], merged: dict, render_config,
-              seed: int, say) -> str:
-    """Stage 6: base vs each expert vs the merge on held-out prompts (same seeds), CLIP score, report."""
+              seed: int, eval_count: int, say) -> dict:
+    """Stage 6: base vs each expert vs the merge on held-out prompts (same seeds), CLIP score, report.
+    World skills: the world's held-out prompts (no training prompt shares their meaning); others: new
+    offline prompts of another seed, kept apart from the training prompts."""
+    from .demo_world import heldout_rows
     from .eval import EvalConfig, PromptSpec, evaluate, next_run_dir
     from .filter import ScorerConfig
     from .models.config import ModelConfig
+    from .world.skills import WORLD_SKILLS
 
     target = next_run_dir(out, "report")
     say(f"[7/{STEPS}] evaluate base, {len(experts)} experts and the merge on held-out prompts → {target}")
-    spec = PromptSpec(heldout_skills=tuple(prompts), heldout_count=4, heldout_seed=seed + 1000,
-                      train_prompts=tuple(prompts.values()))
+    if all(s in WORLD_SKILLS for s in prompts):
+        spec = heldout_rows(list(prompts), eval_count, seed)
+    else:
+        spec = PromptSpec(heldout_skills=tuple(prompts), heldout_count=eval_count, heldout_seed=seed + 1000,
+                          train_prompts=tuple(prompts.values()))
     config = EvalConfig(render=replace(render_config, images_per_prompt=1), resamples=500)
-    report = evaluate(ModelConfig(path=str(models["sd1"])), [*experts.values(), merged["path"]], spec,
+    report = evaluate(ModelConfig(path=str(models["sd"])), [*experts.values(), merged["path"]], spec,
                       ScorerConfig(path=str(models["clip"])), target, config)
     say("      " + report.table.replace("\n", "\n      "))
-    return str(Path(report.out_dir) / "index.html")
+    clip = {m: round(float(cell["mean"]), 4) for m, cell in report.summary.get("clip", {}).get("overall", {}).items()}
+    return {"out_dir": report.out_dir, "clip": clip}
+
+
+def _judge(out: Path, evaluation: dict, skills: list[str], say) -> dict:
+    """Stage 8: the world judge on every evaluation image; base vs merged accuracy and a before/after grid."""
+    from .demo_world import before_after_grid, format_table, judge_report
+    from .world.skills import WORLD_SKILLS
+
+    if not all(s in WORLD_SKILLS for s in skills):
+        say(f"[8/{STEPS}] world judge: skipped (it reads world prompts only; these skills are not all world skills)")
+        return {"judge": None, "grid": None}
+    judged = judge_report(evaluation["out_dir"])
+    grid = before_after_grid(judged, out / "before-after.png")
+    base, merged = judged["models"][judged["base"]], judged["models"][judged["merged"]]
+    say(f"[8/{STEPS}] world judge on held-out prompts: base {base['score']:.3f} → merged {merged['score']:.3f} "
+        f"(all questions right: {base['all_correct']:.0%} → {merged['all_correct']:.0%}); grid → {grid}")
+    say("      " + format_table(judged).replace("\n", "\n      "))
+    return {"judge": {"base": base, "merged": merged, "models": judged["models"]}, "grid": str(grid)}
 
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
-    skills = [s.strip() for s in args.skills.split(",") if s.strip()]
+    skills = [s.strip() for s in args.skills.split(",") if s.strip()] if args.skills else None
     manifest = run_demo(out, skills, args.count, args.seed, images_per_prompt=args.images_per_prompt,
-                        steps=args.steps)
+                        steps=args.steps, train_steps=args.train_steps, eval_count=args.eval_count, tiny=args.tiny,
+                        model=args.model, clip=args.clip)
     print(f"\nDone in {manifest['seconds']} s. Artefacts under {out}:")
     for name, path in manifest["models"].items():
-        print(f"  model    {name:<12} {path}")
+        print(f"  model    {name:<14} {path}")
     for skill, path in manifest["prompts"].items():
-        print(f"  prompts  {skill:<12} {path}")
+        print(f"  prompts  {skill:<14} {path}")
     for skill, path in manifest["datasets"].items():
         kept = manifest["filter"][skill]
-        print(f"  dataset  {skill:<12} {path}  (kept {kept['kept']}/{kept['total']} after CLIP filtering)")
+        print(f"  dataset  {skill:<14} {path}  (kept {kept['kept']}/{kept['total']} after CLIP filtering)")
     for skill, path in manifest["experts"].items():
-        print(f"  expert   {skill:<12} {path}")
-    print(f"  merged                {manifest['merged']['path']}")
-    print(f"  report                {manifest['report']}")
-    print(f"  manifest              {out / 'demo.json'}")
+        print(f"  expert   {skill:<14} {path}")
+    print(f"  merged                  {manifest['merged']['path']}")
+    print(f"  report                  {manifest['report']}")
+    if manifest["judge"]:
+        base, merged = manifest["judge"]["base"], manifest["judge"]["merged"]
+        print(f"  before/after grid       {manifest['grid']}")
+        print(f"  world judge (held-out)  base {base['score']:.3f} → merged {merged['score']:.3f}")
+    print(f"  manifest                {out / 'demo.json'}")
     if PENDING_STAGES:
         print("Not built yet (later stages): " + ", ".join(PENDING_STAGES))
     return 0

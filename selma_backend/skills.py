@@ -23,6 +23,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -185,20 +186,34 @@ def _user_dir(user_dir: str | os.PathLike[str] | None) -> Path | None:
     return Path(user_dir)
 
 
+def world_skills() -> dict[str, Skill]:
+    """The miniature world's skills (:mod:`.world.skills`, origin ``"world"``) by id: the shipped world
+    models' skills, whose offline prompts are the world generator's captions."""
+    return dict(_world_skills())
+
+
+@cache
+def _world_skills() -> tuple[tuple[str, Skill], ...]:
+    from .world.skills import WORLD_SKILLS, as_selma_skill
+
+    return tuple((sid, as_selma_skill(sid)) for sid in WORLD_SKILLS.names())
+
+
 def all_skills(user_dir: str | os.PathLike[str] | None = None) -> dict[str, Skill]:
-    """Built-in skills, then the user folder's (a user skill may not reuse a built-in id)."""
-    skills = builtin_skills()
+    """Built-in skills, the world's, then the user folder's. A user skill may not reuse a built-in id;
+    a user file with a world skill's id replaces the world skill (the user's definition wins)."""
+    skills = builtin_skills() | world_skills()
     folder = _user_dir(user_dir)
     if folder is not None and folder.exists():
         for sid, skill in load_skills_dir(folder).items():
-            if sid in skills:
+            if sid in skills and skills[sid].origin == "builtin":
                 raise SelmaError(f"skill file {skill.origin}: id {sid!r} is a built-in skill; choose another id (e.g. {sid}_custom)")
             skills[sid] = skill
     return skills
 
 
 def list_skills(user_dir: str | os.PathLike[str] | None = None) -> list[Skill]:
-    """All skills (built-in first), for a listing or a dropdown."""
+    """All skills (built-in first, then the world's, then the user's), for a listing or a dropdown."""
     return list(all_skills(user_dir).values())
 
 

@@ -67,8 +67,40 @@ def tiny_loras(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def comfy_base(tmp_path_factory, tiny_models, tiny_loras) -> Path:
+def world_sd(tmp_path_factory) -> Path:
+    """The shipped world-sd (selma_backend/world/assets, which the live server lists itself); while it is
+    not there (a checkout before its training finished), a tiny one of the same layout (~20 s)."""
+    from selma_backend.world.sd_model import WORLD_SD
+
+    if (WORLD_SD / "model_index.json").is_file():
+        return WORLD_SD
+    from selma_backend.world.sd_train import SdTrainConfig, train_world_sd
+
+    out = tmp_path_factory.mktemp("tiny-world-sd") / "world-sd"
+    train_world_sd(SdTrainConfig(preset="tiny", steps=2, vae_steps=2, batch_size=4, threads=1), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def world_loras(tmp_path_factory, world_sd) -> dict[str, Path]:
+    """World experts and their merge for the stage-5/6 workflows (tests/world_helpers.py WORLD_LORA_INSTALL)."""
+    from world_helpers import write_world_loras
+
+    return write_world_loras(world_sd, tmp_path_factory.mktemp("world-loras"))
+
+
+@pytest.fixture(scope="session")
+def comfy_base(tmp_path_factory, tiny_models, tiny_loras, world_sd, world_loras) -> Path:
+    from world_helpers import WORLD_LORA_INSTALL
+
     base = make_base_dir(tmp_path_factory.mktemp("comfy-base"))
+    for name, rel in WORLD_LORA_INSTALL.items():  # copied, as the tiny LoRAs below
+        (base / "models" / "loras" / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(world_loras[name], base / "models" / "loras" / rel)
+    from selma_backend.world.sd_model import WORLD_SD
+
+    if world_sd != WORLD_SD:  # only the stand-in needs installing; the server lists the shipped one itself
+        (base / "models" / "diffusers" / "world-sd").symlink_to(world_sd)
     for name, rel in TINY_INSTALL.items():
         (base / "models" / rel).symlink_to(tiny_models[name])
     for name, rel in TINY_LORA_INSTALL.items():

@@ -30,7 +30,7 @@ def _graph(project: str) -> dict:
 @pytest.fixture(scope="module")
 def filtered(comfy_server):
     entry = comfy_server.run(_graph("f1"))
-    d = comfy_server.base_dir / "output" / "selma" / "f1" / "datasets" / "countbench-seed0"
+    d = comfy_server.base_dir / "output" / "selma" / "f1" / "datasets" / "world_counting-seed0"
     return entry, d
 
 
@@ -46,7 +46,7 @@ def test_filter_writes_scores_and_keeps_the_best_image_per_prompt(comfy_server, 
         assert [r["keep"] for r in group].count(True) <= 1
         assert all(r["keep"] is False for r in group if r is not best)
     assert "kept" in entry["outputs"]["8"]["text"][0]
-    assert entry["outputs"]["7"]["selma_review"] == ["selma/f1/datasets/countbench-seed0"]
+    assert entry["outputs"]["7"]["selma_review"] == ["selma/f1/datasets/world_counting-seed0"]
 
 
 def _get(server, path):
@@ -55,7 +55,7 @@ def _get(server, path):
 
 def test_review_routes_read_and_persist(comfy_server, filtered):
     _, d = filtered
-    key = "selma/f1/datasets/countbench-seed0"
+    key = "selma/f1/datasets/world_counting-seed0"
     rows = _get(comfy_server, f"/selma/dataset/rows?dataset={urllib.parse.quote(key)}")["rows"]
     first = rows[0]["file_name"]
     out = comfy_server.post_json("/selma/dataset/review", {"dataset": key, "file": first, "review": "reject"})
@@ -84,13 +84,13 @@ def test_review_routes_refuse_symlinks_out_and_unlisted_files(comfy_server, filt
         assert e.value.code == 400
     finally:
         link.unlink()
-    key = urllib.parse.quote("selma/f1/datasets/countbench-seed0")
+    key = urllib.parse.quote("selma/f1/datasets/world_counting-seed0")
     for file in ("metadata.jsonl", "../../../../comfyui.log", "dataset.json"):
         with pytest.raises(urllib.error.HTTPError) as e:
             comfy_server.request("GET", f"/selma/dataset/image?dataset={key}&file={urllib.parse.quote(file)}")
         assert e.value.code == 404
     with pytest.raises(urllib.error.HTTPError) as e:
-        comfy_server.post_json("/selma/dataset/review", {"dataset": "selma/f1/datasets/countbench-seed0",
+        comfy_server.post_json("/selma/dataset/review", {"dataset": "selma/f1/datasets/world_counting-seed0",
                                                          "file": read_jsonl(d / "metadata.jsonl")[0]["file_name"],
                                                          "review": "maybe"})
     assert e.value.code == 400
@@ -115,6 +115,6 @@ def test_gallery_click_rejects_an_image_and_it_persists(comfy_server, tmp_path):
         assert resp.value.ok
         page.wait_for_timeout(300)
         page.screenshot(path=str(REPO / "test-artifacts" / "review-gallery.png"))
-    d = comfy_server.base_dir / "output" / "selma" / "selma" / "datasets" / "countbench-seed0"
+    d = comfy_server.base_dir / "output" / "selma" / "selma" / "datasets" / "world_counting-seed0"
     row = {r["file_name"]: r for r in read_jsonl(d / "metadata.jsonl")}[file_name]
     assert row["review"] in ("keep", "reject") and (row["review"] == "reject") == (row.get("keep") is not False)

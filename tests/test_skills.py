@@ -18,6 +18,7 @@ from selma_backend.skills import (
     resolve_skill,
     skill_from_fields,
 )
+from selma_backend.world.skills import WORLD_SKILLS
 
 SELMA_FIVE = {"localized_narratives": 50, "countbench": 30, "diffusiondb": 50, "whoops": 30, "coco": 30}
 OURS = {"spatial", "attributes", "product"}
@@ -56,7 +57,7 @@ def test_list_skills_shows_builtins_and_user_folder(tmp_path):
     signage = listed[-1]
     assert (signage.name, signage.word_limit, signage.flip) == ("Shop signage", 25, "never")
     assert signage.origin == str(tmp_path / "signage.toml")
-    assert [s.id for s in list_skills()] == list(builtin_skills())
+    assert [s.id for s in list_skills()] == list(builtin_skills()) + WORLD_SKILLS.names()  # built-ins, then the world's
 
 
 def test_env_var_names_the_user_folder(tmp_path, monkeypatch):

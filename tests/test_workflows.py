@@ -79,11 +79,9 @@ def test_workflows_chain_through_the_names_selma_writes():
     skill = next(n for n in wf["selma_stage4_train"].values() if n["class_type"] == "SelmaSkill")["inputs"]
     merge = next(n for n in wf["selma_stage5_merge"].values() if n["class_type"] == "SelmaMergeExperts")["inputs"]
     assert f"selma/{train['name']}/{skill['skill_id']}.safetensors" in merge["lora_names"].splitlines()
-    apply = next(n for n in wf["selma_apply_experts"].values() if n["class_type"] == "SelmaApplyExperts")["inputs"]
-    assert apply["lora_names"] == f"selma/{merge['name']}.safetensors"
     evaluate = next(n for n in wf["selma_stage6_evaluate"].values() if n["class_type"] == "SelmaEvaluate")["inputs"]
     assert {evaluate["lora_1"], evaluate["lora_2"]} == {f"selma/{train['name']}/{skill['skill_id']}.safetensors",
-                                                        apply["lora_names"]}
+                                                        f"selma/{merge['name']}.safetensors"}
     full = wf["selma_full_pipeline"]
     kinds = [n["class_type"] for n in full.values()]
     assert kinds.count("SelmaRenderDataset") >= 2 and kinds.count("SelmaFilterDataset") >= 2
@@ -106,3 +104,27 @@ def test_saved_values_are_real_use_settings_not_the_test_ones():
             for key, tiny in TINY_SETTINGS.get(node["class_type"], {}).items():
                 if key in node["inputs"] and key != "overwrite":
                     assert node["inputs"][key] != tiny, (path.name, node["class_type"], key)
+
+
+def test_selma_workflows_default_to_the_shipped_world_models_and_skills():
+    """SELMA's own nodes load world-sd and world-clip (shipped in the pack) and ask for world skills; the
+    native-node workflows keep an SD 1.x checkpoint (CheckpointLoaderSimple cannot load world-sd)."""
+    from selma_backend.world.skills import WORLD_SKILLS
+
+    for path in API:
+        graph = json.loads(path.read_text()).values()
+        native = any(n["class_type"] == "CheckpointLoaderSimple" for n in graph)  # real-SD skills (e.g. product)
+        for node in graph:
+            inputs, kind = node["inputs"], node["class_type"]
+            if kind == "SelmaLoadModel":
+                assert inputs["checkpoint"] == "diffusers/world-sd", path.name
+            if kind == "SelmaLoadClip":
+                assert inputs["clip_model"] == "world-clip", path.name
+            if kind == "SelmaSkill" and not native:
+                assert inputs["skill_id"] in WORLD_SKILLS.names(), path.name
+            if kind in ("SelmaRenderDataset", "SelmaEvaluate"):
+                assert (inputs["width"], inputs["height"]) == (64, 64), path.name  # the world model's size
+            if kind == "SelmaTrainExperts":
+                assert inputs["resolution"] == 64, path.name
+            if kind == "CheckpointLoaderSimple":
+                assert not inputs["ckpt_name"].startswith("world-"), path.name

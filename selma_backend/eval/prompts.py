@@ -31,6 +31,7 @@ from ..fsio import atomic_write_json, read_jsonl
 from ..paths import slug
 from ..prompts.dedup import RougePool, check_threshold
 from ..prompts.generate import PromptConfig, generate_prompts, load_prompt_texts
+from ..prompts.offline import OfflineBackend, is_world_skill
 from ..skills import Skill, resolve_skill
 
 PROMPT_COLUMNS = ("prompt", "text", "caption")
@@ -153,6 +154,8 @@ def heldout_prompts(skill: Skill, count: int, out_path: str | os.PathLike[str], 
                               "the same seed writes the same prompts; e.g. add 1000")
     guard = out.with_name(out.stem + ".train.json")  # stage 1 reads one guard file: all training prompts
     atomic_write_json(guard, [t for p in train_prompts for t in load_prompt_texts(p)], overwrite=False)
+    if backend is None and is_world_skill(skill.id):
+        backend = OfflineBackend(skill, split="heldout")  # a world skill: the world's own held-out prompts
     llm = "offline" if backend is None else _backend_name(backend)
     config = PromptConfig(skill=skill, count=count, llm=llm, seed=seed, eval_prompts=str(guard),
                           eval_threshold=threshold)

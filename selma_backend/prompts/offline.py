@@ -8,6 +8,10 @@ Grammars and vocabularies are data (``offline_vocab.json``): a rule is a list of
 ``<rule>`` expands one, ``<rule:s>``/``<rule:p>`` selects the singular/plural of ``"mug|mugs"``
 entries. Within one prompt a rule does not repeat an alternative until all have been used, so lists
 ("chairs, lamps and a rug") do not stutter.
+
+The miniature world's skills (``world_counting``, ``world_spatial``, ...: :mod:`..world.skills`) are
+written by the world's own generator instead (its training split), so their prompts are captions the
+world judge parses and the shipped world models were trained to draw.
 """
 
 from __future__ import annotations
@@ -40,8 +44,27 @@ def _rules() -> Mapping[str, tuple[str, ...]]:
 
 
 def offline_skills() -> list[str]:
-    """Skill ids the offline generator has a grammar for (the built-in skills)."""
-    return [k.removeprefix("start_") for k in _rules() if k.startswith("start_")]
+    """Skill ids the offline generator writes prompts for: the built-in skills (grammars), then the world's."""
+    return [k.removeprefix("start_") for k in _rules() if k.startswith("start_")] + _world_skill_ids()
+
+
+def _world_skill_ids() -> list[str]:
+    from ..world.skills import WORLD_SKILLS
+
+    return WORLD_SKILLS.names()
+
+
+def is_world_skill(skill_id: str) -> bool:
+    """Whether the offline writer draws this skill's prompts from the world generator."""
+    return skill_id in _world_skill_ids()
+
+
+def world_offline_prompts(skill_id: str, n: int, seed: int, split: str = "train") -> list[str]:
+    """``n`` captions of a world skill in ``split`` (``train``; ``heldout`` for evaluation) from the world
+    generator, determined by (skill, seed, split)."""
+    from ..world.skills import world_prompts
+
+    return [r["prompt"] for r in world_prompts(skill_id, n, seed=seed, split=split)]
 
 
 class _Expansion:
@@ -88,6 +111,8 @@ def tidy(text: str) -> str:
 
 def compose(skill_id: str, rng: random.Random) -> str:
     """One prompt for ``skill_id`` (a built-in skill) drawn with ``rng``."""
+    if skill_id in _world_skill_ids():
+        return world_offline_prompts(skill_id, 1, rng.randrange(2**63))[0]
     rules = _rules()
     start = f"start_{skill_id}"
     if start not in rules:
@@ -98,8 +123,11 @@ def compose(skill_id: str, rng: random.Random) -> str:
     return tidy(_Expansion(rules, rng).expand(start))
 
 
-def offline_prompts(skill: Skill, n: int, seed: int) -> list[str]:
-    """``n`` prompts under the skill's word limit, determined by (skill id, seed) alone."""
+def offline_prompts(skill: Skill, n: int, seed: int, split: str = "train") -> list[str]:
+    """``n`` prompts under the skill's word limit, determined by (skill id, seed) alone. ``split`` chooses
+    the world's train or held-out prompts for a world skill (the grammars of the others have no split)."""
+    if skill.id in _world_skill_ids():
+        return [t for t in world_offline_prompts(skill.id, n, seed, split) if count_words(t) < skill.word_limit]
     rng = random.Random(f"selma-offline:{skill.id}:{seed}")  # str seeds hash with SHA-512: stable
     out: list[str] = []
     for _ in range(n * _MAX_TRIES):
@@ -116,15 +144,16 @@ class OfflineBackend:
 
     source = "offline"
 
-    def __init__(self, skill: Skill) -> None:
+    def __init__(self, skill: Skill, split: str = "train") -> None:
         compose(skill.id, random.Random(0))  # fail now, with the teaching error, for unknown skills
         self.skill = skill
+        self.split = split  # world skills: "train" (stage 1) or "heldout" (evaluation prompts)
 
     def chat(self, messages: list[ChatMessage], *, temperature: float = 1.0, max_tokens: int = 1024, seed: int | None = None) -> str:
         del temperature, max_tokens  # a grammar has no sampling temperature; replies are short
         match = _REQUEST_COUNT.search(messages[-1].content) if messages else None
         n = int(match.group(1)) if match else DEFAULT_BATCH
-        prompts = offline_prompts(self.skill, n, 0 if seed is None else seed)
+        prompts = offline_prompts(self.skill, n, 0 if seed is None else seed, self.split)
         return "\n".join(f"{i}. {p}" for i, p in enumerate(prompts, 1))
 
     def close(self) -> None:

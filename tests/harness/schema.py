@@ -74,20 +74,20 @@ def widget_index(desc: dict, name: str) -> int:
     raise KeyError(name)
 
 
-#: Cheap settings for running bundled workflows on CPU with the tiny models (same graph, smaller numbers).
+#: Cheap settings for running bundled workflows on CPU (same graph, smaller numbers). The SELMA-node workflows
+#: already render and train at the world model's 64 px; the native ones run the mini SD 1.5 at 64 px here.
 TINY_SETTINGS = {
     "EmptyLatentImage": {"width": 64, "height": 64},
     "KSampler": {"steps": 2},
     "SelmaGeneratePrompts": {"count": 2},
-    "SelmaRenderDataset": {"steps": 2, "width": 64, "height": 64, "images_per_prompt": 1},
-    # overwrite: the test server starts with tiny fixture experts under the names training writes
-    # (tests/conftest.py TINY_INSTALL, for the stage-5 and apply-experts workflows); a trained expert
-    # replaces them. Same base model (mini SD 1.5), so any mix of fixture and trained experts merges.
-    "SelmaTrainExperts": {"steps": 2, "rank": 4, "alpha": 4.0, "batch_size": 2, "grad_accum": 1, "resolution": 64,
-                          "validation_every": 0, "overwrite": True},
-    "SelmaEvaluate": {"steps": 2, "width": 64, "height": 64, "heldout_count": 2, "max_per_skill": 1, "batch_size": 8},
+    "SelmaRenderDataset": {"steps": 2, "images_per_prompt": 1, "batch_size": 8},
+    # overwrite: the test server starts with world fixture experts under the names training writes
+    # (tests/conftest.py world_loras, for the stage-5 and stage-6 workflows); a trained expert replaces them.
+    # Same base model (the world-sd the server lists), so any mix of fixture and trained experts merges.
+    "SelmaTrainExperts": {"steps": 2, "rank": 4, "alpha": 4.0, "batch_size": 2, "validation_every": 0,
+                          "checkpoint_every": 1, "overwrite": True},
+    "SelmaEvaluate": {"steps": 2, "heldout_count": 2, "max_per_skill": 1, "batch_size": 8},
 }
-
 
 def shrink(workflow: dict, schemas: dict[str, dict]) -> dict:
     """A copy of a UI- or API-format workflow with :data:`TINY_SETTINGS` applied."""
