@@ -22,8 +22,6 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -35,6 +33,7 @@ import numpy as np
 from ..errors import SelmaError, check_int, check_number, invalid
 from ..fsio import atomic_write_bytes, atomic_write_json
 from .alter import ALTERATIONS, EVAL_ALTERATIONS, alterations, false_on, holds, minimal_pair
+from .folders import check_target, publish_folder
 from .measure import ground_truth
 from .scene import Scene, render_scene, sample_scene
 from .skills import WORLD_SKILLS, split_of
@@ -313,19 +312,7 @@ def _versions() -> dict[str, str]:
 
 
 def _check_target(out: Path, force: bool) -> None:
-    if not os.path.lexists(out):
-        return
-    if not force:
-        raise SelmaError(f"{out}: exists already; choose another --out, or pass --force to replace a world CLIP")
-    if not _is_world_clip(out):
-        raise SelmaError(f"{out}: exists and is not a world CLIP folder made by {MADE_BY}; it is left alone")
-
-
-def _is_world_clip(path: Path) -> bool:
-    try:
-        return json.loads((path / RECORD_FILE).read_text(encoding="utf-8")).get("made_by") == MADE_BY
-    except (OSError, ValueError, AttributeError):
-        return False
+    check_target(out, force, RECORD_FILE, MADE_BY, "world CLIP")
 
 
 def save_clip_folder(model: Any, model_cfg: dict[str, Any], out: Path, record: dict[str, Any], *,
@@ -334,20 +321,13 @@ def save_clip_folder(model: Any, model_cfg: dict[str, Any], out: Path, record: d
     from safetensors.torch import save
 
     _check_target(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         atomic_write_json(tmp / CONFIG_FILE, {"model_cfg": model_cfg,
                                               "preprocess_cfg": preprocess_cfg(model_cfg["vision_cfg"]["image_size"])})
         tensors = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
         atomic_write_bytes(tmp / WEIGHTS_FILE, save(tensors, metadata={"format": "pt"}))
         atomic_write_json(tmp / RECORD_FILE, record)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 -> what mkdir gives
-        if os.path.lexists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    publish_folder(out, fill)
     return out

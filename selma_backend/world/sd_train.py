@@ -34,6 +34,7 @@ from ..errors import SelmaError, check_int, check_number, invalid
 from ..fsio import atomic_write_json
 from .captions import caption
 from .clip_eval import WORLD_CLIP
+from .folders import check_target, publish_folder
 from .scene import render_scene, sample_scene
 from .sd_model import (
     RECORD_FILE,
@@ -304,7 +305,7 @@ def train_world_sd(config: SdTrainConfig, out: str | os.PathLike[str], *, vae_fr
         tok_dir = write_tokenizer(work / "tokenizer") if not (work / "tokenizer").exists() else work / "tokenizer"
         tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
         unet, record["unet"] = train_unet(config, vae, _Encoder(text_encoder, tokenizer), work, say)
-        _publish(out, unet, vae, text_encoder, record, force)
+        _publish(out, unet, vae, text_encoder, record)
         shutil.rmtree(work, ignore_errors=True)
         return out
     finally:
@@ -312,36 +313,12 @@ def train_world_sd(config: SdTrainConfig, out: str | os.PathLike[str], *, vae_fr
 
 
 def _check_target(out: Path, force: bool) -> None:
-    if not os.path.lexists(out):
-        return
-    if not force:
-        raise SelmaError(f"{out}: exists already; choose another --out, or pass --force to replace a world-sd folder")
-    if not _is_world_sd(out):
-        raise SelmaError(f"{out}: exists and is not a world-sd folder made by {MADE_BY}; it is left alone")
+    check_target(out, force, RECORD_FILE, MADE_BY, "world-sd")
 
 
-def _is_world_sd(path: Path) -> bool:
-    import json
-
-    try:
-        return json.loads((path / RECORD_FILE).read_text(encoding="utf-8")).get("made_by") == MADE_BY
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _publish(out: Path, unet: Any, vae: Any, text_encoder: Any, record: dict[str, Any], force: bool) -> None:
-    import tempfile
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+def _publish(out: Path, unet: Any, vae: Any, text_encoder: Any, record: dict[str, Any]) -> None:
+    def fill(tmp: Path) -> None:
         save_pipeline(tmp, unet, vae, text_encoder)
         atomic_write_json(tmp / RECORD_FILE, record)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        if os.path.lexists(out) and force:
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    publish_folder(out, fill)
