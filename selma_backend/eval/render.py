@@ -19,7 +19,7 @@ from typing import Any
 from ..errors import SelmaError
 from ..fsio import atomic_write_bytes
 from ..render import dataset as ds
-from ..render.render import derive_seed, is_out_of_memory, resolve_size
+from ..render.render import derive_seed, free_memory, generate_images, resolve_size
 from ..render.schedulers import build_scheduler
 from .config import EvalConfig
 from .models import ModelEntry, lora_applied
@@ -86,9 +86,11 @@ def _render_one(pipe: Any, model: ModelEntry, items: Sequence[EvalItem], out_dir
         if should_stop and should_stop():
             raise Stopped
         batch = items[done:done + bs]
-        images = _generate(pipe, batch, config, size, should_stop)
+        r = config.render
+        images = generate_images(pipe, [it.prompt for it in batch], [it.seed for it in batch], steps=r.steps, cfg=r.cfg,
+                                 negative=r.negative, size=size, should_stop=should_stop, stop=Stopped)
         if images is None:  # out of memory: the same items, half the batch
-            _free_memory()
+            free_memory()
             if len(batch) == 1:
                 raise SelmaError(f"out of memory rendering one {size[0]}x{size[1]} image; lower width/height or load "
                                  "the model in fp16/bf16")
@@ -102,36 +104,3 @@ def _render_one(pipe: Any, model: ModelEntry, items: Sequence[EvalItem], out_dir
         if tick:
             tick(len(batch))
 
-
-def _generate(pipe: Any, batch: Sequence[EvalItem], config: EvalConfig, size: tuple[int, int],
-              should_stop: ShouldStop | None) -> list[Any] | None:
-    """One pipeline call for ``batch`` (different prompts); None when the device ran out of memory."""
-    import torch
-
-    def check_stop(_pipe: Any, _step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        if should_stop and should_stop():
-            raise Stopped
-        return kwargs
-
-    r = config.render
-    try:
-        return pipe(prompt=[it.prompt for it in batch], negative_prompt=[r.negative] * len(batch) if r.negative else None,
-                    num_inference_steps=r.steps, guidance_scale=r.cfg, width=size[0], height=size[1],
-                    generator=[torch.Generator("cpu").manual_seed(it.seed) for it in batch],
-                    callback_on_step_end=check_stop, output_type="pil").images
-    except Stopped:
-        raise
-    except Exception as e:  # only out-of-memory is handled here
-        if is_out_of_memory(e):
-            return None
-        raise
-
-
-def _free_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -232,7 +232,7 @@ def render_dataset(
                     ds.canonicalize(out)
     finally:
         pipe.scheduler = original
-        _free_memory()
+        free_memory()
     report.elapsed_s = time.perf_counter() - start
     return report
 
@@ -250,12 +250,14 @@ def _render_items(pipe: Any, todo: list[Item], out: Path, config: RenderConfig, 
             return
         batch = todo[done:done + bs]
         try:
-            images = _generate(pipe, batch, config, size, should_stop)
+            images = generate_images(pipe, [it.prompt["prompt"] for it in batch], [it.seed for it in batch],
+                                     steps=config.steps, cfg=config.cfg, negative=config.negative, size=size,
+                                     should_stop=should_stop, stop=_StopRequested)
         except _StopRequested:
             report.status = "stopped"
             return
         if images is None:  # out of memory: same items, half the batch (rounded up)
-            _free_memory()
+            free_memory()
             if len(batch) == 1:
                 raise SelmaError(f"out of memory rendering one {size[0]}x{size[1]} image; lower width/height, "
                                  "load the model in fp16/bf16, or free the device (close other programs)")
@@ -279,25 +281,30 @@ def _render_items(pipe: Any, todo: list[Item], out: Path, config: RenderConfig, 
     report.status = "complete"
 
 
-def _generate(pipe: Any, batch: list[Item], config: RenderConfig, size: tuple[int, int],
-              should_stop: ShouldStop | None) -> list[Any] | None:
-    """One pipeline call for ``batch`` (different prompts); None when the device ran out of memory."""
+def generate_images(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, cfg: float,
+                    negative: str, size: tuple[int, int], should_stop: ShouldStop | None,
+                    stop: type[Exception]) -> list[Any] | None:
+    """One pipeline call for ``prompts`` (one seed each), shared by rendering and evaluation.
+
+    Returns the PIL images, or None when the device ran out of memory (the caller halves its batch).
+    Raises ``stop`` when ``should_stop()`` turns true between denoising steps. ``negative``: empty for
+    the model's own default.
+    """
     import torch
 
     def check_stop(_pipe: Any, _step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         if should_stop and should_stop():
-            raise _StopRequested
+            raise stop
         return kwargs
 
-    negative = [config.negative] * len(batch) if config.negative else None  # None: the model's own default
     try:
         return pipe(
-            prompt=[it.prompt["prompt"] for it in batch], negative_prompt=negative,
-            num_inference_steps=config.steps, guidance_scale=config.cfg, width=size[0], height=size[1],
-            generator=[torch.Generator("cpu").manual_seed(it.seed) for it in batch],
+            prompt=list(prompts), negative_prompt=[negative] * len(prompts) if negative else None,
+            num_inference_steps=steps, guidance_scale=cfg, width=size[0], height=size[1],
+            generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
             callback_on_step_end=check_stop, output_type="pil",
         ).images
-    except _StopRequested:
+    except stop:
         raise
     except Exception as e:  # only out-of-memory is handled here; everything else propagates
         if is_out_of_memory(e):
@@ -313,7 +320,8 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, oom_types) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
-def _free_memory() -> None:
+def free_memory() -> None:
+    """Collect garbage and return cached device memory (after an out-of-memory batch or a run)."""
     gc.collect()
     try:
         import torch
