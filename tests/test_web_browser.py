@@ -101,6 +101,40 @@ def test_progress_speaks_japanese(any_frontend):
     assert "学習 · counting" in shown["text"] and "ステップ 3/10" in shown["text"] and "残り 14 s" in shown["text"]
 
 
+SUBGRAPH_JS = """
+() => {
+  const root = window.app.rootGraph ?? window.app.graph;
+  const node = (root.nodes || root._nodes).find(n => String(n.id) === '5');
+  const { node: instance } = root.convertToSubgraph(new Set([node]));
+  const inner = instance.subgraph.nodes.find(n => n.type === 'SelmaTrainExperts');
+  const send = (id, step) => window.app.api.dispatchCustomEvent('selma.progress', {node: id, prompt_id: 'p',
+    stage: 'train', label: 'subgraph', step, total: 10, elapsed_s: 4, eta_s: 16, loss: 0.5});
+  send(`${instance.id}:${inner.id}`, 2);  // the execution id ComfyUI gives a node inside a subgraph
+  const view = inner.selmaProgress;
+  const first = view ? {text: view.root.innerText, step: view.root.dataset.step} : null;
+  send(String(inner.id), 7);  // the same local id in the root graph is another node
+  send(`999:${inner.id}`, 8);  // a path through no instance
+  return {first, step: view ? view.root.dataset.step : null, instanceType: instance.type,
+          instanceShows: instance.selmaProgress ?? null, innerGraphIsRoot: inner.graph === root};
+}
+"""
+
+
+def test_progress_reaches_a_node_inside_a_subgraph(any_frontend):
+    which, server = any_frontend
+    with browser_page() as page:
+        open_comfyui(page, server)
+        _wait_extension(page, "selma.progress")
+        _load(page, PROGRESS_GRAPH)
+        shown = page.evaluate(SUBGRAPH_JS)
+        errors = _selma_errors(page)
+    assert shown["innerGraphIsRoot"] is False, shown  # the node really is inside a subgraph now
+    assert shown["first"] is not None and "train · subgraph" in shown["first"]["text"], shown
+    assert "step 2/10" in shown["first"]["text"] and shown["first"]["step"] == "2"
+    assert shown["step"] == "2", shown  # events naming other nodes did not reach it
+    assert errors == [], errors
+
+
 def test_merge_editor_writes_weights_and_previews_the_report(any_frontend):
     which, server = any_frontend
     _, names = write_web_experts(server.base_dir / "models" / "loras")

@@ -2,6 +2,8 @@
 // step/total, ETA and, while training, a loss sparkline. The server sends throttled `selma.progress`
 // websocket events: {node, prompt_id, stage, label, step, total, elapsed_s, eta_s, loss} (see
 // selma_backend/progress.py); each node listens for its own id only and stops listening when removed.
+// Inside a subgraph the server names a node by its execution path, "<instance>:<instance>:…:<id>": the
+// node shows the event when that path leads from the root graph to its own graph.
 // Optional: without web/ the progress bar of ComfyUI itself still moves.
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
@@ -96,6 +98,24 @@ function show(node, d) {
   node.setDirtyCanvas?.(true, true);
 }
 
+/** The graph and local id an execution id names: "12" in the root graph, "3:12" is node 12 of the subgraph
+ * that instance 3 of the root graph opens (and so on, one step a ':'); null when the path leads nowhere. */
+function executionTarget(executionId) {
+  const parts = String(executionId).split(":");
+  let graph = app.rootGraph ?? app.graph;
+  for (const instanceId of parts.slice(0, -1)) {
+    const instance = graph?.getNodeById?.(instanceId);
+    if (!instance?.subgraph) return null;
+    graph = instance.subgraph;
+  }
+  return { graph, id: parts[parts.length - 1] };
+}
+
+function isFor(node, executionId) {
+  const target = executionTarget(executionId);
+  return target !== null && target.id === String(node.id) && target.graph === (node.graph ?? target.graph);
+}
+
 /** `selma.train`: one record per optimizer step {expert, step, steps, loss, lr} for scripts that follow a
  * run over the websocket. The node display uses `selma.progress`; listening here, once for the app, tells
  * the frontend the message type is known (the newest frontend logs an error for unknown types). */
@@ -114,7 +134,7 @@ app.registerExtension({
       const node = this;
       node.selmaOnProgress = (event) => {
         const d = event.detail;
-        if (d && d.node != null && String(d.node) === String(node.id)) show(node, d);
+        if (d && d.node != null && isFor(node, d.node)) show(node, d);
       };
       api.addEventListener(EVENT, node.selmaOnProgress);
       listening.add(node);
