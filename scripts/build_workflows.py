@@ -28,8 +28,8 @@ GEN = {"dedup_threshold": 0.8, "examples_per_request": 3, "batch_size": 20, "blo
 # The SELMA-node workflows run on the shipped world model (selma_backend/world/assets, listed by SELMA's loaders):
 # a 64 px Stable Diffusion of the miniature world, its CLIP, and the world's skills with the offline prompt writer
 # (the world generator's captions). Settings are real-use ones for that model (as `selma world reproduce` uses):
-# 64 px, 20 dpmpp_2m steps at cfg 4, rank-8 LoRAs trained 200 steps on batches of 16 at lr 1e-3.
-RENDER = {"dataset_name": "", "images_per_prompt": 2, "batch_size": 32, "steps": 20, "cfg": 4.0, "width": 64,
+# 64 px, 20 dpmpp_2m steps at cfg 7.5, rank-8 LoRAs trained 200 steps on batches of 16 at lr 1e-3.
+RENDER = {"dataset_name": "", "images_per_prompt": 2, "batch_size": 32, "steps": 20, "cfg": 7.5, "width": 64,
           "height": 64, "scheduler": "dpmpp_2m", "negative": "", "seed": 0}
 FILTER = {"mode": "top_k_per_prompt", "threshold": 0.28, "keep_fraction": 0.5, "top_k": 1, "floor": -1.0,
           "per_skill": "", "dedup_cosine": 0.97, "min_pixel_std": 2.0}
@@ -47,7 +47,7 @@ TRAIN = {"name": "experts", "steps": 200, "rank": 8, "alpha": 8.0, "learning_rat
          "mixed_precision": "auto", "gradient_checkpointing": False, "checkpoint_every": 100, "validation_every": 100,
          "seed": 0, "resume": True, "overwrite": False}
 MERGE = {"method": "svd", "weights": "", "rank": 0, "density": 0.5, "block_weights": "", "seed": 0, "name": "world-merged"}
-EVAL = {"prompts_file": "", "heldout_count": 100, "heldout_seed": 1000, "max_per_skill": 0, "steps": 20, "cfg": 4.0,
+EVAL = {"prompts_file": "", "heldout_count": 100, "heldout_seed": 1000, "max_per_skill": 0, "steps": 20, "cfg": 7.5,
         "width": 64, "height": 64, "scheduler": "dpmpp_2m", "seed": 0, "samples": 1, "batch_size": 32,
         "vqa_url": "", "vqa_model": "", "report_name": "eval"}
 NO_LORA = {"lora_1": "(none)", "lora_2": "(none)", "lora_3": "(none)"}

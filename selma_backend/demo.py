@@ -28,7 +28,7 @@ TINY_SKILLS = ("countbench", "spatial")  # --tiny without --skills
 PENDING_STAGES: tuple[str, ...] = ()
 STEPS = 8  # stage count printed as [i/STEPS]
 #: Settings per mode: the world model's real-use values (64 px, as `selma world reproduce`), the tiny ones' quick ones.
-WORLD = {"steps": 20, "cfg": 4.0, "scheduler": "dpmpp_2m", "train_steps": 100, "train_batch": 8, "rank": 8}
+WORLD = {"steps": 20, "cfg": 7.5, "scheduler": "dpmpp_2m", "train_steps": 100, "train_batch": 8, "rank": 8}
 TINY = {"steps": 8, "cfg": 7.5, "scheduler": "euler", "train_steps": 20, "train_batch": 4, "rank": 8}
 TRAIN_STEPS = TINY["train_steps"]
 

@@ -136,3 +136,20 @@ def test_a_graph_renders_with_world_sd_and_scores_with_world_clip(comfy_server):
     assert Path(info["render"]["model"]["source"]) == expected  # the shipped folder itself: nothing was copied
     assert Path(info["filter"]["scorer"]["path"]) == WORLD_CLIP
     assert "kept" in entry["outputs"]["8"]["text"][0]
+
+
+def test_world_guidance_is_the_same_in_reproduce_demo_and_workflows():
+    """One measured guidance for world-sd (README): the demo and the workflows render as `selma reproduce` does."""
+    from selma_backend.demo import WORLD
+    from selma_backend.world.reproduce import ReproduceConfig
+
+    cfg = ReproduceConfig().cfg
+    assert cfg == WORLD["cfg"] == 7.5
+    folder = Path(__file__).resolve().parents[1] / "workflows" / "api"
+    seen = {}
+    for path in folder.glob("*.json"):
+        for node in json.loads(path.read_text()).values():
+            if node["class_type"].startswith("Selma") and "cfg" in node["inputs"]:
+                seen[f"{path.stem}/{node['class_type']}"] = node["inputs"]["cfg"]
+    assert {"selma_stage2_render/SelmaRenderDataset", "selma_stage6_evaluate/SelmaEvaluate"} <= set(seen), seen
+    assert set(seen.values()) == {cfg}, seen

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from selma_backend.world.sd_model import (
     load_text_encoder,
     write_tokenizer,
 )
-from selma_backend.world.sd_train import SdTrainConfig, sample_batch, train_unet, train_world_sd
+from selma_backend.world.sd_train import BASE_MIX, SdTrainConfig, sample_batch, train_unet, train_world_sd
 
 TINY = SdTrainConfig(preset="tiny", steps=3, vae_steps=2, batch_size=2, log_every=1, checkpoint_every=2, threads=1)
 
@@ -79,6 +80,16 @@ def test_same_seed_same_weights(tiny_sd: Path, tmp_path: Path) -> None:
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_reused_vae_keeps_its_weights_and_record(tiny_sd: Path, tmp_path: Path) -> None:
+    reused = train_world_sd(TINY, tmp_path / "reused", vae_from=tiny_sd, say=lambda m: None)
+    part = "vae/diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(tiny_sd / part)), load_file(str(reused / part))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    source = json.loads((tiny_sd / RECORD_FILE).read_text())["vae"]
+    record = json.loads((reused / RECORD_FILE).read_text())["vae"]
+    assert record["from"] == str(tiny_sd) and record["curve"] == source["curve"]  # how the VAE was made survives
+
+
 def test_interrupted_unet_training_resumes_exactly(tmp_path: Path) -> None:
     """Stopped after the step-2 checkpoint, a rerun continues to the same weights as an unbroken run."""
     from selma_backend.world.sd_model import build_vae
@@ -109,8 +120,6 @@ def test_interrupted_unet_training_resumes_exactly(tmp_path: Path) -> None:
 
 
 def test_training_data_is_train_split_with_captions() -> None:
-    import random
-
     from selma_backend.world.captions import parse_caption
     from selma_backend.world.skills import split_of
 
@@ -140,6 +149,7 @@ def test_bad_config_names_the_field(field: str, value: object) -> None:
 def test_shipped_models_are_small_world_sd_folders(folder: Path) -> None:
     record = json.loads((folder / RECORD_FILE).read_text())
     assert record["made_by"] == "selma world train-sd"
+    assert record["mix"] == BASE_MIX  # trained on today's diet, so its training command reproduces it
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     assert size < 40 * 2**20, f"{folder.name}: {size / 2**20:.1f} MB"
     assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()

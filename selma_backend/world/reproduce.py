@@ -76,7 +76,7 @@ class ReproduceConfig:
     filter_top_k: int = 1
     eval_images: int = 1
     render_steps: int = 20
-    cfg: float = 3.0
+    cfg: float = 7.5  # SD's usual guidance; world-sd follows prompts best at 6-9 (README)
     scheduler: str = "dpmpp_2m"
     render_batch: int = 32
     rank: int = 8

@@ -18,6 +18,7 @@ is written every ``checkpoint_every`` steps in ``<out>.work/`` and a rerun resum
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import random
@@ -290,7 +291,9 @@ def train_world_sd(config: SdTrainConfig, out: str | os.PathLike[str], *, vae_fr
                                   "torch": torch.__version__}
         if vae_from:
             vae = AutoencoderKL.from_pretrained(Path(vae_from) / "vae", torch_dtype=torch.float32).eval().requires_grad_(False)
-            record["vae"] = {"from": str(vae_from), "scaling_factor": float(vae.config.scaling_factor)}
+            source = Path(vae_from) / RECORD_FILE
+            kept = json.loads(source.read_text()).get("vae", {}) if source.is_file() else {}
+            record["vae"] = {**kept, "from": str(vae_from), "scaling_factor": float(vae.config.scaling_factor)}
         elif (work / VAE_FILE).exists():
             vae = torch.load(work / VAE_FILE, map_location="cpu", weights_only=False)
             record["vae"] = {"resumed": True, "scaling_factor": float(vae.config.scaling_factor)}
