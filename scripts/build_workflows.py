@@ -41,9 +41,10 @@ SELMA_MODEL = "diffusers/world-sd"  # the shipped world model through every SELM
 NATIVE_MODEL = "selma-mini-sd15.safetensors"
 SKILL_1, SKILL_2 = "world_counting", "world_spatial"
 # Stage 4 on the world model: rank 8, 200 steps, batch 16 at 64 px (the paper's recipe is for 512 px SD models).
+# noise_offset 0.1: world-sd was trained with it (selma world train-sd), and its LoRAs match it, as `selma reproduce`.
 TRAIN = {"name": "experts", "steps": 200, "rank": 8, "alpha": 8.0, "learning_rate": 1e-3, "batch_size": 16,
          "grad_accum": 1, "resolution": 64, "preset": "selma", "text_encoder_lora": False, "lr_schedule": "constant",
-         "warmup_steps": 0, "min_snr_gamma": 0.0, "noise_offset": 0.0, "flip": "skill", "score_weighting": "none",
+         "warmup_steps": 0, "min_snr_gamma": 0.0, "noise_offset": 0.1, "flip": "skill", "score_weighting": "none",
          "mixed_precision": "auto", "gradient_checkpointing": False, "checkpoint_every": 100, "validation_every": 100,
          "seed": 0, "resume": True, "overwrite": False}
 MERGE = {"method": "svd", "weights": "", "rank": 0, "density": 0.5, "block_weights": "", "seed": 0, "name": "world-merged"}

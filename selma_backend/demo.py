@@ -28,8 +28,11 @@ TINY_SKILLS = ("countbench", "spatial")  # --tiny without --skills
 PENDING_STAGES: tuple[str, ...] = ()
 STEPS = 8  # stage count printed as [i/STEPS]
 #: Settings per mode: the world model's real-use values (64 px, as `selma world reproduce`), the tiny ones' quick ones.
-WORLD = {"steps": 20, "cfg": 7.5, "scheduler": "dpmpp_2m", "train_steps": 100, "train_batch": 8, "rank": 8}
-TINY = {"steps": 8, "cfg": 7.5, "scheduler": "euler", "train_steps": 20, "train_batch": 4, "rank": 8}
+#: ``noise_offset``: world-sd was trained with one (``selma world train-sd``), so its LoRAs are too.
+WORLD = {"steps": 20, "cfg": 7.5, "scheduler": "dpmpp_2m", "train_steps": 100, "train_batch": 8, "rank": 8,
+         "noise_offset": 0.1}
+TINY = {"steps": 8, "cfg": 7.5, "scheduler": "euler", "train_steps": 20, "train_batch": 4, "rank": 8,
+        "noise_offset": 0.0}
 TRAIN_STEPS = TINY["train_steps"]
 
 
@@ -79,7 +82,7 @@ def run_demo(out: Path, skills: list[str] | None, count: int, seed: int, say=pri
     datasets = _render(out, models["sd"], prompts, render_config, say)
     filtered = _filter(models["clip"], datasets, say)
     experts = _train(out, models["sd"], datasets, seed, say, steps=train_steps or mode["train_steps"],
-                     batch=mode["train_batch"], rank=mode["rank"])
+                     batch=mode["train_batch"], rank=mode["rank"], noise_offset=mode["noise_offset"])
     merged = _merge(out, experts, say)
     evaluation = _evaluate(out, models, prompts, experts, merged, render_config, seed, eval_count, say)
     judged = _judge(out, evaluation, list(prompts), say)
@@ -147,13 +150,13 @@ def _filter(clip: Path, datasets: dict[str, str], say) -> dict[str, dict]:
 
 
 def _train(out: Path, sd: Path, datasets: dict[str, str], seed: int, say, *, steps: int, batch: int,
-           rank: int) -> dict[str, str]:
+           rank: int, noise_offset: float) -> dict[str, str]:
     """Stage 4: one small LoRA expert per skill on the kept images (finished experts are kept on re-runs)."""
     from .models.config import ModelConfig
     from .train import TrainConfig, train_experts
 
     config = TrainConfig(rank=rank, alpha=rank, steps=steps, batch_size=batch, grad_accum=1, resolution=64,
-                         checkpoint_every=max(10, steps // 2), seed=seed, lr=1e-3)
+                         checkpoint_every=max(10, steps // 2), seed=seed, lr=1e-3, noise_offset=noise_offset)
     say(f"[5/{STEPS}] train {len(datasets)} experts ({steps} steps each) → {out / 'experts'}")
     results = train_experts(ModelConfig(path=str(sd)), list(datasets.values()), out / "experts", config,
                             names=list(datasets), resume=True, overwrite=True)  # retrained only if its data changed

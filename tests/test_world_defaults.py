@@ -153,3 +153,19 @@ def test_world_guidance_is_the_same_in_reproduce_demo_and_workflows():
                 seen[f"{path.stem}/{node['class_type']}"] = node["inputs"]["cfg"]
     assert {"selma_stage2_render/SelmaRenderDataset", "selma_stage6_evaluate/SelmaEvaluate"} <= set(seen), seen
     assert set(seen.values()) == {cfg}, seen
+
+
+def test_world_loras_train_with_world_sds_noise_offset():
+    """world-sd learnt with a noise offset; every place that trains a LoRA on it by default uses the same one."""
+    from selma_backend.demo import WORLD
+    from selma_backend.world.reproduce import ReproduceConfig
+    from selma_backend.world.sd_train import SdTrainConfig
+
+    offset = SdTrainConfig().noise_offset
+    assert offset > 0 and ReproduceConfig().noise_offset == WORLD["noise_offset"] == offset
+    folder = Path(__file__).resolve().parents[1] / "workflows" / "api"
+    seen = {f"{path.stem}/{key}": node["inputs"]["noise_offset"]
+            for path in folder.glob("*.json") for key, node in json.loads(path.read_text()).items()
+            if node["class_type"] == "SelmaTrainExperts"}
+    assert {k.split("/")[0] for k in seen} == {"selma_stage4_train", "selma_full_pipeline"}, seen
+    assert set(seen.values()) == {offset}, seen

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,14 @@ from selma_backend.world.sd_model import (
     load_text_encoder,
     write_tokenizer,
 )
-from selma_backend.world.sd_train import BASE_MIX, SdTrainConfig, sample_batch, train_unet, train_world_sd
+from selma_backend.world.sd_train import (
+    BASE_MIX,
+    SdTrainConfig,
+    sample_batch,
+    train_unet,
+    train_world_sd,
+    training_noise,
+)
 
 TINY = SdTrainConfig(preset="tiny", steps=3, vae_steps=2, batch_size=2, log_every=1, checkpoint_every=2, threads=1)
 
@@ -88,6 +96,7 @@ def test_reused_vae_keeps_its_weights_and_record(tiny_sd: Path, tmp_path: Path) 
     source = json.loads((tiny_sd / RECORD_FILE).read_text())["vae"]
     record = json.loads((reused / RECORD_FILE).read_text())["vae"]
     assert record["from"] == str(tiny_sd) and record["curve"] == source["curve"]  # how the VAE was made survives
+    assert "_name_or_path" not in json.loads((reused / "vae" / "config.json").read_text())  # no local path shipped
 
 
 def test_interrupted_unet_training_resumes_exactly(tmp_path: Path) -> None:
@@ -139,7 +148,23 @@ def test_existing_folder_is_never_replaced_silently(tiny_sd: Path, tmp_path: Pat
     assert (mine / "model_index.json").read_text() == "{}"
 
 
-@pytest.mark.parametrize(("field", "value"), [("preset", "huge"), ("steps", 0), ("lr", 0.0), ("ema", 1.5)])
+def test_training_noise_carries_an_offset_per_sample_and_channel() -> None:
+    """Without the offset a 16 x 16 latent's channel mean varies by 1/16; with offset o by sqrt(1/256 + o^2)."""
+    latents = torch.zeros(4000, 4, 16, 16)
+    torch.manual_seed(0)
+    plain = training_noise(latents, 0.0).mean(dim=(2, 3)).std().item()
+    torch.manual_seed(0)
+    noise = training_noise(latents, 0.1)
+    shifted = noise.mean(dim=(2, 3)).std().item()
+    assert plain == pytest.approx(1 / 16, rel=0.03)
+    assert shifted == pytest.approx((1 / 256 + 0.01) ** 0.5, rel=0.03)
+    # one constant per (sample, channel): what is left around each image's channel mean is plain noise
+    assert (noise - noise.mean(dim=(2, 3), keepdim=True)).std().item() == pytest.approx(1.0, rel=0.01)
+    assert SdTrainConfig().noise_offset == 0.1
+
+
+@pytest.mark.parametrize(("field", "value"), [("preset", "huge"), ("steps", 0), ("lr", 0.0), ("ema", 1.5),
+                                              ("noise_offset", -0.1)])
 def test_bad_config_names_the_field(field: str, value: object) -> None:
     with pytest.raises(SelmaError, match=field):
         SdTrainConfig(**{field: value})
@@ -150,6 +175,35 @@ def test_shipped_models_are_small_world_sd_folders(folder: Path) -> None:
     record = json.loads((folder / RECORD_FILE).read_text())
     assert record["made_by"] == "selma world train-sd"
     assert record["mix"] == BASE_MIX  # trained on today's diet, so its training command reproduces it
+    recipe = {k: v for k, v in asdict(SdTrainConfig()).items() if k not in ("preset", "threads")}
+    assert {k: record["config"][k] for k in recipe} == recipe  # and on today's recipe (noise offset included)
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     assert size < 40 * 2**20, f"{folder.name}: {size / 2**20:.1f} MB"
     assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_shipped_world_sd_takes_the_background_from_the_prompt_not_the_seed() -> None:
+    """The prompt decides the background, even when the starting noise's mean leans the other way.
+
+    Trained without a noise offset, world-sd read the background from the channel means of the seed: on
+    "... on a grey background" it drew backgrounds from near black to near white, seed by seed.
+    """
+    from selma_backend.models.config import ModelConfig
+    from selma_backend.models.loader import load_pipeline
+    from selma_backend.world.judge import detect
+    from selma_backend.world.spec import BACKGROUNDS
+
+    names = list(BACKGROUNDS)
+    seeds = 4
+    prompts = [f"a red circle on a {bg} background" for bg in names for _ in range(seeds)]
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(len(prompts), 4, 16, 16, generator=g)
+    lean = torch.tensor([1.0, -1.0, 1.0, -1.0]).view(1, 4, 1, 1) * 0.06  # towards white: about 1 std of the mean
+    noise = noise + lean * torch.tensor([1.0 if i % 2 else -1.0 for i in range(len(prompts))]).view(-1, 1, 1, 1)
+    with load_pipeline(ModelConfig(path=str(WORLD_SD), scheduler="dpmpp_2m")) as lp:
+        lp.pipe.set_progress_bar_config(disable=True)
+        images = lp.pipe(prompts, latents=noise, num_inference_steps=20, guidance_scale=7.5, output_type="pil").images
+    found = [detect(im).background for im in images]
+    wanted = [bg for bg in names for _ in range(seeds)]
+    right = sum(f == w for f, w in zip(found, wanted, strict=True))
+    assert right >= len(prompts) - 1, list(zip(wanted, found, strict=True))

@@ -61,8 +61,8 @@ class ReproduceConfig:
     n_train / n_eval: training and held-out prompts per skill; train_images: images rendered per
     training prompt (the filter keeps ``filter_top_k`` of them); eval_images: images per held-out
     prompt and arm. render_steps / cfg / scheduler / render_batch: rendering (training data and
-    evaluation alike). rank / alpha / train_steps / train_batch / lr: each LoRA (the joint one trains
-    ``train_steps x len(skills)`` steps). ties_density: entries each delta keeps in the ``ties`` merge.
+    evaluation alike). rank / alpha / train_steps / train_batch / lr / noise_offset: each LoRA (the joint
+    one trains ``train_steps x len(skills)`` steps). ties_density: entries each delta keeps in the ``ties`` merge.
     resamples: bootstrap resamples; grid_prompts: held-out prompts per skill shown in the grids.
     """
 
@@ -84,6 +84,7 @@ class ReproduceConfig:
     train_steps: int = 200
     train_batch: int = 16
     lr: float = 1e-3
+    noise_offset: float = 0.1  # world-sd's own training recipe (selma world train-sd), so its LoRAs match it
     ties_density: float = 0.5
     resamples: int = 2000
     grid_prompts: int = 4
@@ -115,7 +116,8 @@ class ReproduceConfig:
         if self.filter_top_k > self.train_images:
             raise invalid("filter_top_k", self.filter_top_k, f"an integer from 1 to train_images ({self.train_images})",
                           "the filter keeps the best filter_top_k of the train_images images of each prompt")
-        for name, lo, hi in (("cfg", 0.0, 100.0), ("alpha", 1e-6, 1e6), ("lr", 1e-8, 1.0), ("ties_density", 1e-6, 1.0)):
+        for name, lo, hi in (("cfg", 0.0, 100.0), ("alpha", 1e-6, 1e6), ("lr", 1e-8, 1.0), ("noise_offset", 0.0, 1.0),
+                             ("ties_density", 1e-6, 1.0)):
             check_number(name, getattr(self, name), lo, hi)
             object.__setattr__(self, name, float(getattr(self, name)))
         SCHEDULERS.get(self.scheduler)  # raises naming the registered schedulers

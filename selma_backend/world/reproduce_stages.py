@@ -195,7 +195,7 @@ def train_config(config: ReproduceConfig, steps: int) -> Any:
 
     return TrainConfig(rank=config.rank, alpha=config.alpha, steps=steps, batch_size=config.train_batch, grad_accum=1,
                        resolution=64, lr=config.lr, seed=config.seed, checkpoint_every=max(steps, 1),
-                       flip="skill", buckets=False)
+                       flip="skill", buckets=False, noise_offset=config.noise_offset)
 
 
 def train_all(out: Path, config: ReproduceConfig, data: dict[str, Any], say: Say,

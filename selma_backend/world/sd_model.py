@@ -155,6 +155,11 @@ def save_pipeline(out: Path, unet: Any, vae: Any, text_encoder: Any) -> Path:
                                    requires_safety_checker=False)
     pipe.to(torch.float16)
     pipe.save_pretrained(out, safe_serialization=True)
+    for part in ("unet", "vae"):  # a reused part (train-sd --vae-from) records the path this machine read it from
+        config_file = out / part / "config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        if config.pop("_name_or_path", None) is not None:
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     pipe.to(torch.float32)
     import shutil
 
