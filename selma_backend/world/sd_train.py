@@ -206,8 +206,8 @@ def training_noise(latents: torch.Tensor, offset: float) -> torch.Tensor:
 
     SD's schedule leaves 7 % of the image in the noisiest step (``sqrt(alphas_cumprod[-1])`` = 0.068). On a
     16 x 16 latent the per-channel mean of pure noise varies by only 1/16, so without an offset the UNet learns
-    to read the background from the mean of the starting noise, and at sampling time the prompt's background
-    loses to the random mean of the seed. The offset makes that mean noise the model must not trust.
+    to read a flat background from the channel means of the noised latent, and at sampling time the prompt's
+    background loses to the random mean of the seed. The offset makes those means noise the model must not trust.
     """
     noise = torch.randn_like(latents)
     if offset:
