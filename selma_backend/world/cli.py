@@ -7,15 +7,16 @@
     selma world skills --out my_skills/        # world skills as SELMA skill files (SELMA_SKILLS_DIR)
     selma world train-clip --out work/world-clip --steps 1000 --seed 0 --threads 1   # a small CLIP of the world
     selma world eval-clip --model work/world-clip --n 100   # held-out minimal pairs, agreement with the judge
-    selma world train-sd --out work/world-sd --preset large --seed 0 --threads 2   # the shipped world-sd (~40 min)
+    selma world train-sd --out work/world-sd --preset large --seed 0 --threads 2   # the shipped world-sd (~1 h)
     selma world train-sd --out work/world-sd-small --preset small --seed 0 \
-        --threads 1    # the weak model (its VAE is the same: one recipe, one seed; --vae-from DIR skips retraining it)
+        --threads 1 --steps 1500   # the weak model (the same VAE recipe and seed; --vae-from DIR skips retraining it)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import fields
 from typing import Any
 
 from ..errors import SelmaError
@@ -75,13 +76,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _train_sd_args(sub: Any) -> None:
     d = sub.add_parser("train-sd", help="train the world's small Stable Diffusion (VAE, then UNet; CPU, seeded, resumable)")
     d.add_argument("--out", required=True, help="diffusers folder to write (never overwritten without --force)")
-    d.add_argument("--preset", default=SdTrainConfig.preset, choices=list(SD_PRESETS))
-    for name in ("steps", "batch_size", "warmup", "vae_steps", "vae_batch_size", "seed", "threads", "checkpoint_every"):
-        d.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(SdTrainConfig, name))
-    for name in ("lr", "ema", "cfg_dropout", "min_snr_gamma", "noise_offset", "vae_lr", "minutes"):
-        d.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(SdTrainConfig, name))
+    for f in fields(SdTrainConfig):  # one flag per field, of the field's default's type
+        default = getattr(SdTrainConfig, f.name)
+        kind = {"choices": list(SD_PRESETS)} if f.name == "preset" else {"type": type(default)}
+        d.add_argument("--" + f.name.replace("_", "-"), default=default, **kind)
     d.add_argument("--vae-from", default="", metavar="DIR", help="reuse this world-sd folder's VAE (skip stage 1)")
     d.add_argument("--force", action="store_true", help="replace a world-sd folder this command made")
+
+
+def sd_config(args: argparse.Namespace) -> SdTrainConfig:
+    """The :class:`SdTrainConfig` that parsed ``train-sd`` flags say."""
+    return SdTrainConfig(**{f.name: getattr(args, f.name) for f in fields(SdTrainConfig)})
 
 
 def _prompt_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -115,9 +120,7 @@ def run(args: argparse.Namespace) -> int:
     elif cmd == "train-clip":
         _train_clip(args)
     elif cmd == "train-sd":
-        names = ("preset", "steps", "batch_size", "warmup", "vae_steps", "vae_batch_size", "seed", "threads", "checkpoint_every", "lr",
-                 "ema", "cfg_dropout", "min_snr_gamma", "noise_offset", "vae_lr", "minutes")
-        config = SdTrainConfig(**{n: getattr(args, n) for n in names})
+        config = sd_config(args)
         out = train_world_sd(config, args.out, vae_from=args.vae_from or None, force=args.force,
                              say=lambda m: print(m, flush=True))
         print(f"{out}: written")

@@ -61,7 +61,7 @@ class SdTrainConfig:
     """One run. ``minutes`` > 0 stops the UNet stage after that much wall time (the step count then says)."""
 
     preset: str = "large"
-    steps: int = 1500
+    steps: int = 3000
     minutes: float = 0.0
     batch_size: int = 32
     lr: float = 6e-4
