@@ -4,7 +4,9 @@ Reference (diffusers ``examples/text_to_image/train_text_to_image_lora.py``, whi
 scripts follow): every step decodes its images from disk, encodes them with the VAE (drawing from the
 latent distribution), runs the text encoder on the captions, then the UNet forward and backward.
 Ours: ``train_experts`` -- latents and text conditioning cached once (here: before the timed loop,
-and reported separately), so a step is the UNet forward and backward only.
+and reported separately), so a step is the UNet forward and backward only, with the LoRA layers of
+``train.fused_lora`` and torch's fused AdamW. A third arm, ours with PEFT's own LoRA layers, shows
+what the fused layers add (``fused_lora_gain``).
 
 Both arms get the same model, LoRA init, batch order, noise and timesteps (``loop.mix(seed, step)``),
 so their loss curves differ only by the VAE sample vs its mean; the table prints both means and the
@@ -125,7 +127,7 @@ def reference(lp, data: Path, cfg: TrainConfig, sync=lambda: None) -> tuple[floa
     pipe, dev = lp.pipe, lp.pipe.unet.device
     wdtype = pipe.unet.dtype
     samples = load_samples(data, resolution=cfg.resolution, buckets=cfg.buckets, flip=cfg.flip)
-    params = attach(pipe, cfg)
+    params = attach(pipe, cfg, fused=False)  # PEFT's own LoRA layers, as the diffusers script
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     batches = [b for e in range(100) for b in epoch_batches(samples, cfg.batch_size, cfg.seed, e)]
@@ -160,10 +162,11 @@ def reference(lp, data: Path, cfg: TrainConfig, sync=lambda: None) -> tuple[floa
     return elapsed, losses
 
 
-def ours(lp, data: Path, cfg: TrainConfig, work: Path) -> tuple[float, float, list[float]]:
-    """(seconds of the training steps, seconds of the whole call -- checkpoint, export, any cache fill --, losses)."""
+def ours(lp, data: Path, cfg: TrainConfig, work: Path, fused_lora: bool = True) -> tuple[float, float, list[float]]:
+    """(seconds of the training steps, seconds of the whole call -- checkpoint, export, any cache fill --, losses).
+    ``fused_lora=False``: our trainer with PEFT's own LoRA layers (shows what the fused layer adds)."""
     t0 = time.perf_counter()
-    r = train_experts(lp, [data], work / "out", cfg, cache_root=work / "cache", overwrite=True)[0]
+    r = train_experts(lp, [data], work / "out", cfg, cache_root=work / "cache", overwrite=True, fused_lora=fused_lora)[0]
     total = time.perf_counter() - t0
     import csv
 
@@ -188,7 +191,7 @@ def run(quick: bool = False, threads: int = 2, repeats: int | None = None, tiny:
         warm = TrainConfig(**{**cfg.to_dict(), "steps": 1})
         reference(lp, data, warm)  # first calls pay kernel set-up: not timed
         ours(lp, data, warm, work / "warm")  # and this fills the cache, as a first run would
-        t_ref, t_ours, t_total, mem_ref, mem_ours = [], [], [], [], []
+        t_ref, t_ours, t_total, mem_ref, mem_ours, t_peft = [], [], [], [], [], []
         for r in range(rounds):
             with PeakRSS() as m:
                 t, ref_losses = reference(lp, data, cfg)
@@ -199,19 +202,25 @@ def run(quick: bool = False, threads: int = 2, repeats: int | None = None, tiny:
             t_ours.append(t)
             t_total.append(total)
             mem_ours.append(m.mb)
+            t, _, peft_losses = ours(lp, data, cfg, work / f"peft{r}", fused_lora=False)
+            t_peft.append(t)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     samples = steps * cfg.effective_batch
     diff = sum(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(our_losses, ref_losses, strict=True)) / steps
     result = {"ours": samples / pick(t_ours), "reference": samples / pick(t_ref), "unit": "samples/s",
               "ratio": pick(t_ref) / pick(t_ours), "ours_including_cache_fill_and_export": samples / pick(t_total),
+              "ours_with_peft_lora_layers": samples / pick(t_peft), "fused_lora_gain": pick(t_peft) / pick(t_ours),
+              "loss_max_rel_diff_fused_vs_peft_layers": max(abs(a - b) / max(abs(b), 1e-12)
+                                                            for a, b in zip(our_losses, peft_losses, strict=True)),
               "peak_rss_mb_ours": round(min(mem_ours), 1), "peak_rss_mb_reference": round(min(mem_ref), 1),
               "loss_mean_ours": sum(our_losses) / steps, "loss_mean_reference": sum(ref_losses) / steps,
               "loss_mean_rel_diff_per_step": diff, "images": n, "steps": steps, "batch": cfg.batch_size,
               "resolution": RES, "threads": threads, "rounds": rounds, "statistic": pick.__name__,
-              "ours_s": t_ours, "reference_s": t_ref}
+              "ours_s": t_ours, "reference_s": t_ref, "ours_with_peft_lora_layers_s": t_peft}
     print(f"train  ours {result['ours']:.2f} samples/s  reference {result['reference']:.2f} samples/s  "
-          f"ratio {result['ratio']:.2f}x  (with cache fill + export: {result['ours_including_cache_fill_and_export']:.2f})  "
+          f"ratio {result['ratio']:.2f}x  (with cache fill + export: {result['ours_including_cache_fill_and_export']:.2f}; "
+          f"with PEFT's LoRA layers: {result['ours_with_peft_lora_layers']:.2f}, fused gain {result['fused_lora_gain']:.2f}x)  "
           f"peak RSS +{result['peak_rss_mb_ours']:.0f} MB vs +{result['peak_rss_mb_reference']:.0f} MB  "
           f"loss {result['loss_mean_ours']:.4f} vs {result['loss_mean_reference']:.4f} (mean step diff {diff:.2%})")
     return result

@@ -6,7 +6,8 @@ depend on the weights; nothing is downloaded), measured by the existing scripts,
 - ``gpu_render``: images/s at batch 1/8/16, bf16, SDPA, CFG 7.5, 20 steps, compile off then on,
   with the share of the FLOP bound (steps x 2 x UNet FLOPs + VAE decode, over the bf16 peak);
 - ``gpu_train``: samples/s of our cached trainer vs the reference loop (VAE + text every step),
-  rank 128, with the share of the FLOP bound (2 x UNet forward FLOPs a sample);
+  rank 128, with the share of the FLOP bound (2 x UNet forward FLOPs a sample); last, SD 1.5 once
+  more with PEFT's own LoRA layers in our arm (what ``train.fused_lora`` adds on the GPU);
 - ``gpu_clip``: ViT-L/14 images/s at batch 64/256/512 (fp16), with the share of the FLOP bound
   (``encode_image`` FLOPs counted at 224 px).
 
@@ -46,6 +47,7 @@ PARTS: dict[str, tuple[str, str | None, bool, int, int | None]] = {
     "render-sd15-compiled": ("render", "sd15", True, 100, None),
     "train-sdxl": ("train", "sdxl", False, 100, 120),
     "render-sdxl-compiled": ("render", "sdxl", True, 120, None),
+    "train-sd15-peft-lora": ("train", "sd15", False, 80, 120),  # ours with PEFT's LoRA layers: the fused gain
 }
 BUDGET_S = 450  # 7.5 minutes: leaves margin under 8 for start-up and the wheel install
 MIN_PART_S = 20  # a part is not started with less time than this left
@@ -71,7 +73,7 @@ def part_render(arch: str, compiled: bool, toy: bool, out: Path) -> dict[str, An
     return json.loads(out.read_text())
 
 
-def part_train(arch: str, toy: bool) -> dict[str, Any]:
+def part_train(arch: str, toy: bool, fused_lora: bool = True) -> dict[str, Any]:
     """gpu_train.measure: ours vs the reference loop, with both arms' share of the FLOP bound."""
     import gpu_render
     import gpu_train
@@ -80,7 +82,7 @@ def part_train(arch: str, toy: bool) -> dict[str, Any]:
     device = "cuda" if torch.cuda.is_available() and not toy else "cpu"
     peak, source = gpu_render.peak_for(device, None)
     batch, steps = (2, 2) if toy else TRAIN[arch]
-    row = gpu_train.measure(arch, toy, device, batch, steps, peak)
+    row = gpu_train.measure(arch, toy, device, batch, steps, peak, fused_lora=fused_lora)
     bound = row["flop_bound_samples_per_s"]
     row["reference_share_of_flop_bound"] = row["reference_samples_per_s"] / bound if bound else None
     return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "peak_bf16_tflops": peak,
@@ -121,7 +123,7 @@ def run_part(name: str, toy: bool, out: Path) -> int:
     if kind == "render":
         result = part_render(arch, compiled, toy, out)
     elif kind == "train":
-        result = part_train(arch, toy)
+        result = part_train(arch, toy, fused_lora=not name.endswith("-peft-lora"))
     else:
         result = part_clip(toy)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -2,7 +2,8 @@
 
 Speed does not depend on the weights, so both architectures are built from their published configs
 (``gpu_render.build``). For each: samples/s of our trainer (latents and text cached, bf16 base, fp32
-LoRA, SELMA's attention targets at rank 128, SDPA) and of the reference loop that re-encodes VAE and
+LoRA, SELMA's attention targets at rank 128, SDPA, ``train.fused_lora``'s layers or, with
+``--peft-lora``, PEFT's own) and of the reference loop that re-encodes VAE and
 text every step (``bench_train.reference``), same batch, steps, noise and timesteps; peak GPU memory
 of each; and the share of the FLOP bound, with
 
@@ -38,7 +39,7 @@ RES = {"sd15": 512, "sdxl": 1024}
 
 
 def measure(arch: str, toy: bool, device: str, batch: int, steps: int, peak: float | None,
-            compile_unet: bool = False) -> dict[str, Any]:
+            compile_unet: bool = False, fused_lora: bool = True) -> dict[str, Any]:
     import torch
 
     from selma_backend.models.base import LoadedPipeline
@@ -62,7 +63,7 @@ def measure(arch: str, toy: bool, device: str, batch: int, steps: int, peak: flo
         t_ref, _ = bench_train.reference(lp, data, cfg, sync)
         mem_ref = _peak(device)
         _reset_peak(device)
-        t_ours, total, _ = bench_train.ours(lp, data, cfg, Path(tmp) / "ours")
+        t_ours, total, _ = bench_train.ours(lp, data, cfg, Path(tmp) / "ours", fused_lora=fused_lora)
         mem_ours = _peak(device)
         import csv
 
@@ -72,6 +73,7 @@ def measure(arch: str, toy: bool, device: str, batch: int, steps: int, peak: flo
     bound = peak * 1e12 / (2 * unet_flops) if peak else None
     return {"arch": arch, "resolution": res, "batch": batch, "steps": steps, "rank": cfg.rank,
             "ours_samples_per_s": ours, "reference_samples_per_s": ref, "ratio": ours / ref, "compile": compile_unet,
+            "lora_layers": "fused" if fused_lora else "peft",
             "ours_after_first_step_samples_per_s": steady,
             "ours_with_export_samples_per_s": steps * batch / total,
             "peak_mem_gb_ours": mem_ours, "peak_mem_gb_reference": mem_ref,
@@ -100,6 +102,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=0, help="default 10; --toy: 2")
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--compile", action="store_true", help="torch.compile the UNet in our arm")
+    ap.add_argument("--peft-lora", action="store_true", help="our arm with PEFT's own LoRA layers (not train.fused_lora)")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_train.json"))
     args = ap.parse_args()
     import torch
@@ -111,7 +114,7 @@ def main() -> int:
     for arch in args.arch:
         batch = args.batch or (2 if args.toy else (8 if arch == "sdxl" else 32))
         steps = args.steps or (2 if args.toy else 10)
-        row = measure(arch, args.toy, device, batch, steps, peak, args.compile)
+        row = measure(arch, args.toy, device, batch, steps, peak, args.compile, not args.peft_lora)
         results["runs"].append(row)
         print(json.dumps(row), flush=True)
     Path(args.json).write_text(json.dumps(results, indent=2))

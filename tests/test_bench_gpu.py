@@ -30,6 +30,18 @@ def test_toy_clip_part_writes_json_with_flop_share(tmp_path):
     assert (tmp_path / "gpu_clip.log").exists() and "clip" in proc.stdout
 
 
+def test_toy_training_part_with_peft_lora_layers(tmp_path):
+    """The last training part measures our arm with PEFT's own LoRA layers (what the fused layers add)."""
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--toy", "--parts", "train-sd15-peft-lora",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    part = json.loads((tmp_path / "gpu.json").read_text())["parts"]["train-sd15-peft-lora"]
+    assert part["status"] == "ok"
+    (row,) = part["runs"]
+    assert row["arch"] == "sd15" and row["lora_layers"] == "peft"
+    assert row["ours_samples_per_s"] > 0 and row["reference_samples_per_s"] > 0
+
+
 def test_part_over_its_limit_is_killed_and_reported(tmp_path):
     """A part that cannot finish in its limit is stopped there; the driver records it and goes on."""
     entry = gpu.launch("render-sd15", True, tmp_path, limit=2.0)  # imports alone take longer than 2 s

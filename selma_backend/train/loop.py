@@ -99,7 +99,10 @@ def clip_gradients(params: Sequence[torch.nn.Parameter], max_norm: float) -> flo
 
 
 def _adamw(params: Sequence[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    """torch's AdamW, its fused kernel where it has one (fp32 parameters on CPU or CUDA: one kernel a
+    parameter instead of a dozen small ops; the same update up to float rounding)."""
+    fused = bool(params) and all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
 
 
 def _adamw8bit(params: Sequence[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:

@@ -17,9 +17,10 @@ import torch
 from ..errors import SelmaError
 from ..lora.format import diffusers_metadata, kohya_metadata, peft_to_kohya, save_lora
 from ..lora.names import LoraArch
+from . import fused_lora
 from .config import PRESETS, TEXT_TARGETS, TrainConfig
+from .fused_lora import ADAPTER
 
-ADAPTER = "selma"
 BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 
@@ -39,9 +40,10 @@ def target_modules(model: torch.nn.Module, suffixes: tuple[str, ...]) -> list[st
     return names
 
 
-def attach(pipe: Any, config: TrainConfig) -> list[torch.nn.Parameter]:
+def attach(pipe: Any, config: TrainConfig, fused: bool = True) -> list[torch.nn.Parameter]:
     """Freeze the pipeline, add a fresh LoRA adapter (init seeded by ``config.seed``), return its
-    parameters, cast to fp32 (the optimizer and the gradients stay full precision).
+    parameters, cast to fp32 (the optimizer and the gradients stay full precision). With ``fused``,
+    the adapter's ``Linear`` layers run :mod:`.fused_lora`'s forward and backward (same result, faster).
 
     The UNet gets it through diffusers' ``add_adapter``; text encoders through PEFT's
     ``inject_adapter_in_model`` (transformers' own ``add_adapter`` demands a newer PEFT than PyPI has)."""
@@ -63,6 +65,9 @@ def attach(pipe: Any, config: TrainConfig) -> list[torch.nn.Parameter]:
     for p in params:
         p.data = p.data.float()
         p.requires_grad_(True)
+    if fused:
+        for model in (pipe.unet, *text_encoders(pipe).values()):
+            fused_lora.install(model)
     return params
 
 
@@ -85,6 +90,8 @@ def detach(pipe: Any) -> None:
     from diffusers.utils import recurse_remove_peft_layers
 
     unet = pipe.unet
+    for model in (unet, *text_encoders(pipe).values()):
+        fused_lora.uninstall(model)
     if ADAPTER in (getattr(unet, "peft_config", None) or {}):
         unet.delete_adapters(ADAPTER)
     if not getattr(unet, "peft_config", None):

@@ -122,9 +122,10 @@ def train_experts(model: LoadedPipeline | ModelConfig, datasets: Sequence[str | 
                   work_root: str | os.PathLike[str] | None = None, resume: bool = False, overwrite: bool = False,
                   cache_root: str | os.PathLike[str] | None = None, shard: Shard | None = None,
                   progress: Progress | None = None, on_log: OnLog | None = None, should_stop: ShouldStop | None = None,
-                  user_dir: str | os.PathLike[str] | None = None) -> list[ExpertResult]:
+                  user_dir: str | os.PathLike[str] | None = None, fused_lora: bool = True) -> list[ExpertResult]:
     """Train one expert per dataset; see the module doc. A ``ModelConfig`` is loaded here and released
-    at the end; a given ``LoadedPipeline`` is left loaded (the caller owns it)."""
+    at the end; a given ``LoadedPipeline`` is left loaded (the caller owns it). ``fused_lora=False``
+    runs PEFT's own LoRA layers instead of :mod:`.fused_lora` (same result; for benchmarks)."""
     from ..models.loader import load_pipeline
 
     shard = shard or Shard()
@@ -137,7 +138,8 @@ def train_experts(model: LoadedPipeline | ModelConfig, datasets: Sequence[str | 
         experts = plan(datasets, out_dir, config, names=names, work_root=work_root, resume=resume,
                        overwrite=overwrite, user_dir=user_dir)
         with torch.inference_mode(False), torch.enable_grad():
-            return _train_all(lp, experts, config, cache_root, shard, resume, overwrite, progress, on_log, should_stop)
+            return _train_all(lp, experts, config, cache_root, shard, resume, overwrite, progress, on_log, should_stop,
+                              fused_lora)
     finally:
         if owned:
             lp.release()
@@ -145,7 +147,7 @@ def train_experts(model: LoadedPipeline | ModelConfig, datasets: Sequence[str | 
 
 def _train_all(lp: LoadedPipeline, experts: list[Expert], config: TrainConfig, cache_root: Any, shard: Shard,
                resume: bool, overwrite: bool, progress: Progress | None, on_log: OnLog | None,
-               should_stop: ShouldStop | None) -> list[ExpertResult]:
+               should_stop: ShouldStop | None, fused_lora: bool) -> list[ExpertResult]:
     pipe = lp.pipe
     _place(pipe, shard)
     for module in (pipe.unet, pipe.vae, *text_encoders(pipe).values()):
@@ -171,7 +173,7 @@ def _train_all(lp: LoadedPipeline, experts: list[Expert], config: TrainConfig, c
         if shard.world > 1:
             cache.refresh()  # shards rank 0 wrote
         result = _train_one(lp, e, config, cache, wdtype, shard, resume, overwrite,
-                            _offset(progress, k * config.steps, total), on_log, should_stop)
+                            _offset(progress, k * config.steps, total), on_log, should_stop, fused_lora)
         results.append(result)
         if result.stopped:
             break
@@ -180,9 +182,9 @@ def _train_all(lp: LoadedPipeline, experts: list[Expert], config: TrainConfig, c
 
 def _train_one(lp: LoadedPipeline, e: Expert, config: TrainConfig, cache: FeatureCache, wdtype: torch.dtype,
                shard: Shard, resume: bool, overwrite: bool, progress: Progress | None, on_log: OnLog | None,
-               should_stop: ShouldStop | None) -> ExpertResult:
+               should_stop: ShouldStop | None, fused_lora: bool) -> ExpertResult:
     pipe = lp.pipe
-    attach(pipe, config)
+    attach(pipe, config, fused=fused_lora)
     try:
         if config.gradient_checkpointing:
             pipe.unet.enable_gradient_checkpointing()
