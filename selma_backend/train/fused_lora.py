@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-ADAPTER = "selma"  # model.ADAPTER (imported from here there, to avoid an import cycle)
+ADAPTER = "selma"  # the name of our adapter in PEFT; model.py imports it from here (no import cycle)
 
 
 class _LoraLinear(torch.autograd.Function):
