@@ -11,6 +11,10 @@ depend on the weights; nothing is downloaded), measured by the existing scripts,
 - ``gpu_clip``: ViT-L/14 images/s at batch 64/256/512 (fp16), with the share of the FLOP bound
   (``encode_image`` FLOPs counted at 224 px).
 
+Not in the default run, named with ``--parts``: ``levers-*``, our trainer under several settings
+side by side on one model (``gpu_train.LEVERS``: autocast, layout, cuDNN autotuning, attention
+kernel, fused or PEFT LoRA layers, batch, compile), with the reference loop and a kernel profile.
+
 Each part runs in its own process under its own time limit (and the whole under ``--budget``
 seconds), so one slow part -- a ``torch.compile``, say -- cannot eat the others' time; a part cut
 short keeps the rows it had printed. Parts run most-wanted first; the compiled runs come late.
@@ -21,6 +25,7 @@ compiling on a CPU takes minutes), to check the script works.
     python3 bench/gpu.py                      # device run (carry .whl: wheels installed if diffusers is missing)
     .venv/bin/python bench/gpu.py --toy --out /tmp/gpu-toy
     python3 bench/gpu.py --parts render-sd15 clip --budget 200
+    python3 bench/gpu.py --parts levers-sd15 levers-sd15-compiled --budget 350
 """
 
 from __future__ import annotations
@@ -48,6 +53,24 @@ PARTS: dict[str, tuple[str, str | None, bool, int, int | None]] = {
     "train-sdxl": ("train", "sdxl", False, 100, 120),
     "render-sdxl-compiled": ("render", "sdxl", True, 120, None),
     "train-sd15-peft-lora": ("train", "sd15", False, 80, 120),  # ours with PEFT's LoRA layers: the fused gain
+    # training settings side by side (gpu_train.LEVERS), not in the default run: --parts names them
+    "levers-sd15": ("levers", "sd15", False, 200, 240),
+    "levers-sd15-compiled": ("levers", "sd15", True, 260, None),
+    "levers-sd15-attention": ("levers", "sd15", False, 120, 120),
+    "levers-sdxl": ("levers", "sdxl", False, 150, 180),
+    "levers-sd15-compiled-before": ("levers", "sd15", True, 150, None),
+}
+DEFAULT_PARTS = [p for p in PARTS if not p.startswith("levers")]
+#: levers parts: name -> (arms of gpu_train.LEVERS, also time the reference loop, arm to profile or None)
+LEVER_ARMS: dict[str, tuple[list[str], bool, str | None]] = {
+    "levers-sd15": (["before", "cudnn-benchmark", "channels-last", "no-autocast", "no-autocast+channels-last",
+                     "no-autocast+channels-last, PEFT layers", "no-autocast+channels-last, cuDNN attention",
+                     "no-autocast+channels-last, batch x2"], True, "no-autocast+channels-last"),
+    "levers-sd15-compiled": (["no-autocast"], False, None),
+    "levers-sd15-attention": (["no-autocast", "no-autocast, flash attention", "no-autocast, efficient attention",
+                               "no-autocast, PEFT layers"], True, "no-autocast"),
+    "levers-sdxl": (["before", "no-autocast+channels-last"], False, None),
+    "levers-sd15-compiled-before": (["before"], False, None),
 }
 BUDGET_S = 450  # 7.5 minutes: leaves margin under 8 for start-up and the wheel install
 MIN_PART_S = 20  # a part is not started with less time than this left
@@ -89,6 +112,21 @@ def part_train(arch: str, toy: bool, fused_lora: bool = True) -> dict[str, Any]:
             "peak_source": source, "toy": toy, "runs": [row]}
 
 
+def part_levers(name: str, arch: str, compiled: bool, toy: bool) -> dict[str, Any]:
+    """gpu_train.levers: our trainer under several settings, side by side on one model."""
+    import gpu_render
+    import gpu_train
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() and not toy else "cpu"
+    peak, source = gpu_render.peak_for(device, None)
+    batch, steps = (2, 3) if toy else (TRAIN[arch][0], 8)
+    arms, reference, profile = LEVER_ARMS[name]
+    result = gpu_train.levers(arch, toy, device, batch, steps, peak, arms, compiled, reference, profile)
+    return {**result, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "peak_source": source,
+            "toy": toy}
+
+
 def part_clip(toy: bool) -> dict[str, Any]:
     """gpu_clip.build + measure at each batch size, with the share of the FLOP bound."""
     import gpu_clip
@@ -124,6 +162,8 @@ def run_part(name: str, toy: bool, out: Path) -> int:
         result = part_render(arch, compiled, toy, out)
     elif kind == "train":
         result = part_train(arch, toy, fused_lora=not name.endswith("-peft-lora"))
+    elif kind == "levers":
+        result = part_levers(name, arch, compiled, toy)
     else:
         result = part_clip(toy)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -214,6 +254,9 @@ def summary(name: str, part: dict[str, Any]) -> str:
         elif "ours_samples_per_s" in r:
             bits.append(f"ours {r['ours_samples_per_s']:.3g} vs ref {r['reference_samples_per_s']:.3g} samples/s "
                         f"({r['ratio']:.2f}x; {_pct(r.get('share_of_flop_bound'))})")
+        elif "arm" in r:
+            bits.append(f"{r['arm']}: " + (f"{r['samples_per_s']:.3g} samples/s" if r.get("status", "ok") == "ok"
+                                           else r.get("status", "?")))
         elif "render_dataset_images_per_s" in r:
             bits.append(f"render_dataset {r['render_dataset_images_per_s']:.3g} img/s")
     return f"{name:<22} {part['status']:<14} {part['seconds']:>6.1f}s  " + "; ".join(bits)
@@ -251,8 +294,9 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--toy", action="store_true", help="toy widths on the CPU: checks the script works")
-    parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS), metavar="PART",
-                        help=f"parts to run, in this order (default: {' '.join(PARTS)})")
+    parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=DEFAULT_PARTS, metavar="PART",
+                        help=f"parts to run, in this order (default: {' '.join(DEFAULT_PARTS)}; also: "
+                             f"{' '.join(p for p in PARTS if p not in DEFAULT_PARTS)})")
     parser.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for everything (default %(default)s)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "/tmp/selma-gpu"),
                         help="folder for the JSON and logs (default: $OUT, else /tmp/selma-gpu)")

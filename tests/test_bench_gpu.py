@@ -62,3 +62,20 @@ def test_rows_printed_before_a_kill_are_recovered():
     log = ('sd15: 512 px, UNet 803.3 GFLOP/pass\n{"arch": "sd15", "batch": 1, "images_per_s": 0.9}\n'
            "{'not': 'json'}\n" '{"arch": "sd15", "batch": 8, "images_per_s": 5.1}\n{"arch": "sd15", "ba')
     assert [r["batch"] for r in gpu.printed_rows(log)] == [1, 8]
+
+
+def test_toy_levers_part_measures_each_setting_side_by_side(tmp_path):
+    """``levers-*`` parts: our trainer under several settings on one model, each row with its rate and loss
+    curve; an arm that cannot run here (a CUDA-only attention kernel) is recorded as failed, the others go on."""
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--toy", "--parts", "levers-sd15-attention",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    part = json.loads((tmp_path / "gpu.json").read_text())["parts"]["levers-sd15-attention"]
+    assert part["status"] == "ok" and part["reference_samples_per_s"] > 0
+    rows = {r["arm"]: r for r in part["runs"]}
+    assert list(rows) == gpu.LEVER_ARMS["levers-sd15-attention"][0]
+    assert rows["no-autocast, efficient attention"]["status"] == "failed"  # no such kernel on a CPU
+    ok = [r for r in rows.values() if r["status"] == "ok"]
+    assert len(ok) == 3 and all(r["samples_per_s"] > 0 and len(r["losses"]) == 3 for r in ok)
+    assert all(r["loss_max_rel_diff_vs_first_arm"] < 1e-3 for r in ok)  # settings change speed, not the curve
+    assert set(part["profile"]["groups"]) >= {"convolution", "other"} and part["profile"]["top"]

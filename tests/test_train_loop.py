@@ -16,7 +16,7 @@ from selma_backend.errors import SelmaError
 from selma_backend.lora.format import load_lora, provenance
 from selma_backend.models.config import ModelConfig
 from selma_backend.models.loader import load_pipeline
-from selma_backend.train import TrainingDiverged, train_experts
+from selma_backend.train import TrainConfig, TrainingDiverged, train_experts
 from selma_backend.train.config import PRESETS
 from selma_backend.train.model import target_modules
 
@@ -263,3 +263,75 @@ def test_cache_misses_exactly_when_an_image_caption_or_model_changes(sd1, tmp_pa
     (ds / "metadata.jsonl").write_text(rows)
     assert fill()["text_encoded"] == 1  # only the changed caption
     assert fill("f" * 64)["latents_encoded"] == 2  # another model: nothing reused
+
+
+def test_layout_and_precision_settings_train_the_same_expert(tiny_models, datasets, tmp_path, monkeypatch):
+    """``memory_format`` and ``autocast`` change how the step runs, not what it learns: channels-last
+    gives the fp32 loss curve and weights; bf16 without autocast runs every LoRA Linear fused in bf16
+    (fp32 factors cast on use, fp32 gradients) and lands within bf16 rounding of bf16 under autocast.
+    During training the UNet is channels-last and cuDNN autotunes; afterwards both are as before."""
+    from selma_backend.train import fused_lora
+
+    seen: dict[str, list] = {"layout": [], "benchmark": [], "fused_dtypes": []}
+    apply = fused_lora._LoraLinear.apply
+
+    def counting_apply(*args):
+        seen["fused_dtypes"].append(args[-1])
+        return apply(*args)
+
+    monkeypatch.setattr(fused_lora._LoraLinear, "apply", counting_apply)
+    lp = load_pipeline(ModelConfig(str(tiny_models["sd1"])))
+    lp.pipe.set_progress_bar_config(disable=True)
+    try:
+        def train(name: str, **kw) -> tuple[list[float], dict[str, torch.Tensor]]:
+            def on_log(_info) -> None:
+                seen["layout"].append(lp.pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last))
+                seen["benchmark"].append(torch.backends.cudnn.benchmark)
+
+            r = train_experts(lp, datasets[:1], tmp_path / name, tiny_config(steps=3, **kw), cache_root=tmp_path / "c",
+                              on_log=on_log)[0]
+            losses = [float(row["loss"]) for row in csv.DictReader(open(Path(r.work_dir) / "loss.csv"))]
+            return losses, _final(r.path)
+
+        before = torch.backends.cudnn.benchmark
+        plain = train("plain", memory_format="contiguous")
+        assert seen["layout"] == [False] * 3
+        last = train("channels-last", memory_format="channels_last")
+        assert seen["layout"][3:] == [True] * 3 and seen["benchmark"] == [True] * 6
+        assert not lp.pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        assert torch.backends.cudnn.benchmark == before
+        assert last[0] == pytest.approx(plain[0], rel=1e-5)
+        for k in plain[1]:  # the same up to float rounding (which Adam's first steps magnify near zero)
+            assert _mean_rel(last[1][k], plain[1][k]) < 1e-3, k
+
+        seen["fused_dtypes"].clear()
+        auto = train("bf16-autocast", mixed_precision="bf16", autocast="on")
+        pure = train("bf16-pure", mixed_precision="bf16", autocast="off")
+        assert lp.pipe.unet.dtype == torch.bfloat16
+        assert set(seen["fused_dtypes"]) == {torch.bfloat16}
+        # both runs: 3 steps x 2 micro-batches through every LoRA Linear, all fused
+        assert len(seen["fused_dtypes"]) == 2 * 3 * 2 * sum(k.endswith(".lora_down.weight") for k in pure[1])
+        assert pure[0] == pytest.approx(auto[0], rel=0.02) and pure[0] == pytest.approx(plain[0], rel=0.05)
+        for k in auto[1]:
+            assert pure[1][k].dtype == torch.float32
+            assert _mean_rel(pure[1][k], auto[1][k]) < 0.1, k
+    finally:
+        lp.release()
+
+
+def _mean_rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).abs().mean() / want.float().abs().mean().clamp_min(1e-12))
+
+
+def test_autocast_auto_is_off_with_bf16_and_on_with_fp16():
+    from selma_backend.train.run import use_autocast
+
+    assert not use_autocast(TrainConfig(), torch.bfloat16)  # measured faster, same loss (README, Performance)
+    assert use_autocast(TrainConfig(), torch.float16)  # fp32 norms guard fp16's narrow range
+    assert use_autocast(TrainConfig(autocast="on"), torch.bfloat16)
+    assert not use_autocast(TrainConfig(autocast="off"), torch.float16)
+    assert not use_autocast(TrainConfig(autocast="on"), torch.float32)
+    with pytest.raises(SelmaError, match="autocast.*'yes'.*allowed.*'auto', 'on', 'off'"):
+        TrainConfig(autocast="yes")
+    with pytest.raises(SelmaError, match="memory_format"):
+        TrainConfig(memory_format="nhwc")

@@ -18,7 +18,17 @@ import json
 import sys
 from dataclasses import fields
 
-from .config import FLIP_MODES, LR_SCHEDULES, MIXED_PRECISION, OPTIMIZERS, PRESETS, SCORE_WEIGHTING, TrainConfig
+from .config import (
+    AUTOCAST,
+    FLIP_MODES,
+    LR_SCHEDULES,
+    MEMORY_FORMATS,
+    MIXED_PRECISION,
+    OPTIMIZERS,
+    PRESETS,
+    SCORE_WEIGHTING,
+    TrainConfig,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flip", default=d.flip, choices=FLIP_MODES, help="skill: each skill's flip policy")
     parser.add_argument("--score-weighting", default=d.score_weighting, choices=SCORE_WEIGHTING)
     parser.add_argument("--mixed-precision", default=d.mixed_precision, choices=MIXED_PRECISION)
+    parser.add_argument("--autocast", default=d.autocast, choices=AUTOCAST,
+                        help="with fp16/bf16: on = the UNet under autocast (norms in fp32), off = in that dtype "
+                             "throughout; auto = off with bf16, on with fp16")
+    parser.add_argument("--memory-format", default=d.memory_format, choices=MEMORY_FORMATS,
+                        help="the UNet's activation layout while training")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     parser.add_argument("--seed", type=int, default=d.seed)

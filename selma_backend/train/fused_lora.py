@@ -10,7 +10,8 @@ order of float roundings differs.
 
 Only the plain case is fused: our adapter alone active, not merged, no dropout, no LoRA variant (DoRA),
 no bias on ``lora_B``, and either one dtype throughout or autocast on (then all of it runs in the
-autocast dtype, as PEFT's layers do under autocast, and the fp32 LoRA parameters get fp32 gradients).
+autocast dtype, as PEFT's layers do under autocast, and the fp32 LoRA parameters get fp32 gradients)
+or a bf16/fp16 base with fp32 LoRA parameters and no autocast (the same: all in the base's dtype).
 Every other call goes to PEFT's own ``forward``.
 """
 
@@ -64,8 +65,12 @@ def _compute_dtype(layer: Any, x: torch.Tensor) -> torch.dtype | None:
     kind = x.device.type
     if torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(kind)
-    if x.dtype == layer.base_layer.weight.dtype == layer.lora_A[ADAPTER].weight.dtype:
-        return x.dtype
+    if x.dtype == layer.base_layer.weight.dtype:
+        lora = layer.lora_A[ADAPTER].weight.dtype
+        # one dtype throughout; or a half-precision base run without autocast (``TrainConfig.autocast``
+        # off): the fp32 factors are cast on use, as autocast would, and their gradients stay fp32
+        if lora == x.dtype or (lora == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)):
+            return x.dtype
     return None
 
 

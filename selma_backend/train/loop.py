@@ -59,6 +59,8 @@ class Run:
     cached_text: bool = True
     on_log: OnLog | None = None
     should_stop: ShouldStop | None = None
+    channels_last: bool = False  # the UNet and its input in the channels-last layout
+    autocast: bool = False  # the UNet under autocast in ``weight_dtype`` (``run.use_autocast``)
 
 
 @dataclass
@@ -148,6 +150,7 @@ class _Loop:
         self.pos, self.log = ckpt.Position(), []
         self._epoch: tuple[int, list[list[View]]] | None = None
         self.device = run.pipe.unet.device
+        self.autocast = run.autocast and run.weight_dtype != torch.float32
         self.last_checkpoint: Path | None = None
 
     # -- state ---------------------------------------------------------------------------------
@@ -208,14 +211,16 @@ class _Loop:
             embeds, pooled = run.cache.text(captions, pooled=run.arch == "sdxl")
         else:
             embeds, pooled = encode_text(run.pipe, run.arch, captions)
-        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t).to(run.weight_dtype)
+        if run.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
         target = noise if run.prediction == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)
         extra = None
         if run.arch == "sdxl":
             extra = {"text_embeds": pooled.to(self.device, run.weight_dtype),
                      "time_ids": add_time_ids([run.samples[i].size for i, _ in local], self.device).to(run.weight_dtype)}
-        with torch.autocast(self.device.type, dtype=run.weight_dtype, enabled=run.weight_dtype != torch.float32):
-            pred = run.pipe.unet(noisy.to(run.weight_dtype), t, embeds.to(self.device, run.weight_dtype),
+        with torch.autocast(self.device.type, dtype=run.weight_dtype, enabled=self.autocast):
+            pred = run.pipe.unet(noisy, t, embeds.to(self.device, run.weight_dtype),
                                  added_cond_kwargs=extra).sample
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         weight = min_snr_weights(self.noise_scheduler.alphas_cumprod, t, cfg.min_snr_gamma, run.prediction)
@@ -277,7 +282,7 @@ class _Loop:
         unet.eval()
         try:
             gens = [torch.Generator().manual_seed(cfg.seed + i) for i in range(len(cfg.validation_prompts))]
-            with torch.autocast(self.device.type, dtype=run.weight_dtype, enabled=run.weight_dtype != torch.float32):
+            with torch.autocast(self.device.type, dtype=run.weight_dtype, enabled=self.autocast):
                 images = run.pipe(prompt=list(cfg.validation_prompts), num_inference_steps=cfg.validation_steps,
                                   height=cfg.resolution, width=cfg.resolution, generator=gens).images
         finally:

@@ -33,6 +33,9 @@ from .model import attach, dataset_hash, detach, export_lora, named_lora_params,
 
 Progress = Callable[[int, int], None]
 
+#: cuDNN picks its fastest convolution algorithms for each new shape while training (benchmarks may switch it off).
+CUDNN_BENCHMARK = True
+
 
 @dataclass
 class Expert:
@@ -117,6 +120,13 @@ def weight_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[choice]
 
 
+def use_autocast(config: TrainConfig, wdtype: torch.dtype) -> bool:
+    """Whether the UNet runs under autocast while training (never with fp32 weights; see ``TrainConfig.autocast``)."""
+    if wdtype == torch.float32 or config.autocast == "off":
+        return False
+    return config.autocast == "on" or wdtype == torch.float16
+
+
 def train_experts(model: LoadedPipeline | ModelConfig, datasets: Sequence[str | os.PathLike[str]],
                   out_dir: str | os.PathLike[str], config: TrainConfig, *, names: Sequence[str] | None = None,
                   work_root: str | os.PathLike[str] | None = None, resume: bool = False, overwrite: bool = False,
@@ -185,13 +195,19 @@ def _train_one(lp: LoadedPipeline, e: Expert, config: TrainConfig, cache: Featur
                should_stop: ShouldStop | None, fused_lora: bool) -> ExpertResult:
     pipe = lp.pipe
     attach(pipe, config, fused=fused_lora)
+    layout = config.memory_format == "channels_last"
+    benchmark = torch.backends.cudnn.benchmark
     try:
         if config.gradient_checkpointing:
             pipe.unet.enable_gradient_checkpointing()
+        if layout:
+            pipe.unet.to(memory_format=torch.channels_last)
         if config.compile:
             pipe.unet.compile()
+        torch.backends.cudnn.benchmark = CUDNN_BENCHMARK  # the shapes repeat every step (a few with buckets)
         run = Run(pipe, lp.arch, lp.prediction_type, e.samples, config, cache, e.work_dir, named_lora_params(pipe),
-                  shard, wdtype, not config.text_encoder_lora, _with_progress(on_log, progress, e.name), should_stop)
+                  shard, wdtype, not config.text_encoder_lora, _with_progress(on_log, progress, e.name), should_stop,
+                  channels_last=layout, autocast=use_autocast(config, wdtype))
         res = train_loop(run, resume)
         path = None
         if not res.stopped and shard.is_main:
@@ -202,6 +218,9 @@ def _train_one(lp: LoadedPipeline, e: Expert, config: TrainConfig, cache: Featur
             path = str(export_lora(pipe, lp.arch, e.out, config, prov, overwrite=overwrite))
         shard.barrier()
     finally:
+        torch.backends.cudnn.benchmark = benchmark
+        if layout:
+            pipe.unet.to(memory_format=torch.contiguous_format)
         if config.gradient_checkpointing:
             pipe.unet.disable_gradient_checkpointing()
         detach(pipe)
