@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -178,6 +179,13 @@ def test_sdxl_expert_trains_and_loads_in_diffusers(tiny_models, datasets, tmp_pa
         lp.pipe.load_lora_weights(r.path, adapter_name="x")
         assert float(abs(_render(lp.pipe) - base).max()) > 1e-5
         lp.pipe.delete_adapters("x")
+        # bf16 weights, by default without autocast: the added conditioning (pooled text, time ids) follows
+        cfg = tiny_config(steps=2, mixed_precision="bf16", validation_every=2, validation_prompts=("two cups",),
+                          validation_steps=1)
+        r = train_experts(lp, datasets[:1], tmp_path / "bf16", cfg, cache_root=tmp_path / "c")[0]
+        assert lp.pipe.unet.dtype == torch.bfloat16 and r.final_loss is not None and r.final_loss == r.final_loss
+        assert all(t.dtype == torch.float32 for t in load_lora(r.path)[0].values())
+        assert (Path(r.work_dir) / "validation" / "step-000002.png").is_file()
     finally:
         lp.release()
 
@@ -272,7 +280,7 @@ def test_layout_and_precision_settings_train_the_same_expert(tiny_models, datase
     During training the UNet is channels-last and cuDNN autotunes; afterwards both are as before."""
     from selma_backend.train import fused_lora
 
-    seen: dict[str, list] = {"layout": [], "benchmark": [], "fused_dtypes": []}
+    seen: dict[str, Any] = {"layout": [], "benchmark": [], "fused_dtypes": []}
     apply = fused_lora._LoraLinear.apply
 
     def counting_apply(*args):
@@ -287,6 +295,7 @@ def test_layout_and_precision_settings_train_the_same_expert(tiny_models, datase
             def on_log(_info) -> None:
                 seen["layout"].append(lp.pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last))
                 seen["benchmark"].append(torch.backends.cudnn.benchmark)
+                seen["fused_at_step"] = len(seen["fused_dtypes"])
 
             r = train_experts(lp, datasets[:1], tmp_path / name, tiny_config(steps=3, **kw), cache_root=tmp_path / "c",
                               on_log=on_log)[0]
@@ -306,11 +315,13 @@ def test_layout_and_precision_settings_train_the_same_expert(tiny_models, datase
 
         seen["fused_dtypes"].clear()
         auto = train("bf16-autocast", mixed_precision="bf16", autocast="on")
-        pure = train("bf16-pure", mixed_precision="bf16", autocast="off")
+        pure = train("bf16-pure", mixed_precision="bf16", autocast="off", validation_every=3,
+                     validation_prompts=("two cups",), validation_steps=1)  # validation: the fp32 VAE decodes
         assert lp.pipe.unet.dtype == torch.bfloat16
         assert set(seen["fused_dtypes"]) == {torch.bfloat16}
-        # both runs: 3 steps x 2 micro-batches through every LoRA Linear, all fused
-        assert len(seen["fused_dtypes"]) == 2 * 3 * 2 * sum(k.endswith(".lora_down.weight") for k in pure[1])
+        # both runs' training steps (3 steps x 2 micro-batches) ran every LoRA Linear fused; validation followed
+        assert seen["fused_at_step"] == 2 * 3 * 2 * sum(k.endswith(".lora_down.weight") for k in pure[1])
+        assert (tmp_path / "bf16-pure" / "spatial.train" / "validation" / "step-000003.png").is_file()
         assert pure[0] == pytest.approx(auto[0], rel=0.02) and pure[0] == pytest.approx(plain[0], rel=0.05)
         for k in auto[1]:
             assert pure[1][k].dtype == torch.float32

@@ -282,7 +282,8 @@ class _Loop:
         unet.eval()
         try:
             gens = [torch.Generator().manual_seed(cfg.seed + i) for i in range(len(cfg.validation_prompts))]
-            with torch.autocast(self.device.type, dtype=run.weight_dtype, enabled=self.autocast):
+            # always under autocast with half weights: inference, and the VAE may have kept another dtype
+            with torch.autocast(self.device.type, dtype=run.weight_dtype, enabled=run.weight_dtype != torch.float32):
                 images = run.pipe(prompt=list(cfg.validation_prompts), num_inference_steps=cfg.validation_steps,
                                   height=cfg.resolution, width=cfg.resolution, generator=gens).images
         finally:
