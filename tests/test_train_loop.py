@@ -236,6 +236,35 @@ def test_resume_skips_only_an_expert_made_from_the_same_data_and_settings(sd1, d
     assert provenance(load_lora(again.path)[1])["steps"] == 3
 
 
+def test_resume_accepts_changed_runtime_settings_and_older_checkpoints(sd1, datasets, tmp_path):
+    """How a run executes (gradient checkpointing, layout, autocast, checkpoint cadence) may change on
+    resume -- the fix after running out of memory -- and a checkpoint written before a runtime field
+    existed still resumes; the recipe (here the learning rate) may not change."""
+    cfg = tiny_config(steps=4, checkpoint_every=1)
+    calls = {"n": 0}
+
+    def stop_after_two() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    stopped = train_experts(sd1, datasets[:1], tmp_path, cfg, cache_root=tmp_path / "c", should_stop=stop_after_two)[0]
+    assert stopped.stopped and stopped.steps == 2
+    state_path = tmp_path / "spatial.train" / "checkpoints" / "step-000002" / "state.json"
+    state = json.loads(state_path.read_text())
+    del state["config"]["autocast"], state["config"]["memory_format"]  # as written before these fields existed
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(SelmaError, match="other data or settings"):
+        train_experts(sd1, datasets[:1], tmp_path, tiny_config(steps=4, checkpoint_every=1, lr=2e-3),
+                      cache_root=tmp_path / "c", resume=True)
+    runtime = tiny_config(steps=4, checkpoint_every=2, gradient_checkpointing=True, memory_format="channels_last",
+                          autocast="on")
+    resumed = train_experts(sd1, datasets[:1], tmp_path, runtime, cache_root=tmp_path / "c", resume=True)[0]
+    assert resumed.steps == 4 and not resumed.stopped
+    log = list(csv.DictReader(open(tmp_path / "spatial.train" / "loss.csv")))
+    assert [int(r["step"]) for r in log] == [1, 2, 3, 4]  # continued from step 2, not restarted
+    assert train_experts(sd1, datasets[:1], tmp_path, cfg, cache_root=tmp_path / "c", resume=True)[0].skipped
+
+
 def test_text_encoder_lora_in_kohya_layout_loads_in_diffusers(sd1, datasets, tmp_path):
     cfg = tiny_config(steps=1, text_encoder_lora=True)
     r = train_experts(sd1, datasets[1:], tmp_path, cfg, cache_root=tmp_path / "c")[0]

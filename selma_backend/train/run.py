@@ -239,12 +239,25 @@ def _same_run(e: Expert, config: TrainConfig, out: Path | None) -> bool:
         import json
 
         state = json.loads((snap[-1] / "state.json").read_text(encoding="utf-8"))
-        return state.get("config") == config.to_dict()
+        return _recipe(state.get("config")) == _recipe(config.to_dict())
     from safetensors import safe_open
 
     with safe_open(str(out), framework="pt") as f:
         prov = provenance(f.metadata() or {})
-    return prov.get("dataset_sha256") == dataset_hash(e.samples) and prov.get("config") == config.to_dict()
+    return (prov.get("dataset_sha256") == dataset_hash(e.samples)
+            and _recipe(prov.get("config")) == _recipe(config.to_dict()))
+
+
+#: Settings of how a run executes, not of what it learns: a run may resume with them changed (say, to
+#: turn on gradient checkpointing after running out of memory), and older runs that lack one still match.
+RUNTIME_FIELDS = ("autocast", "memory_format", "compile", "gradient_checkpointing", "checkpoint_every",
+                  "keep_checkpoints", "validation_every", "validation_prompts", "validation_steps")
+
+
+def _recipe(config: Any) -> dict[str, Any] | None:
+    if not isinstance(config, dict):
+        return None
+    return {k: v for k, v in config.items() if k not in RUNTIME_FIELDS}
 
 
 def _clear_other_runs(e: Expert, config: TrainConfig, resume: bool, overwrite: bool) -> None:
