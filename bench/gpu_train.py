@@ -38,12 +38,11 @@ import gpu_render  # noqa: E402
 RES = {"sd15": 512, "sdxl": 1024}
 
 
-def measure(arch: str, toy: bool, device: str, batch: int, steps: int, peak: float | None,
-            compile_unet: bool = False, fused_lora: bool = True) -> dict[str, Any]:
+def _model(arch: str, toy: bool, device: str) -> tuple[Any, int, float, Any]:
+    """The architecture with random weights as a LoadedPipeline, its resolution, UNet forward FLOPs, a device sync."""
     import torch
 
     from selma_backend.models.base import LoadedPipeline
-    from selma_backend.train import TrainConfig, train_experts
 
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     pipe = gpu_render.build(arch, toy, device, dtype)
@@ -51,6 +50,14 @@ def measure(arch: str, toy: bool, device: str, batch: int, steps: int, peak: flo
     unet_flops, _ = gpu_render.count_flops(pipe, arch, device, dtype)
     lp = LoadedPipeline(pipe, "sdxl" if arch == "sdxl" else "sd1", "epsilon", f"random-{arch}", "gpu_train.py")
     sync = (lambda: torch.cuda.synchronize()) if device.startswith("cuda") else (lambda: None)
+    return lp, res, unet_flops, sync
+
+
+def measure(arch: str, toy: bool, device: str, batch: int, steps: int, peak: float | None,
+            compile_unet: bool = False, fused_lora: bool = True) -> dict[str, Any]:
+    from selma_backend.train import TrainConfig, train_experts
+
+    lp, res, unet_flops, sync = _model(arch, toy, device)
     with tempfile.TemporaryDirectory(prefix="selma-gpu-train-") as tmp:
         data = bench_train.make_data(Path(tmp) / "data", 2 * batch, res)
         cfg = TrainConfig(rank=4 if toy else 128, alpha=4 if toy else 128, steps=steps, batch_size=batch, grad_accum=1,
@@ -112,19 +119,11 @@ def levers(arch: str, toy: bool, device: str, batch: int, steps: int, peak: floa
     import time
     import traceback
 
-    import torch
-
-    from selma_backend.models.base import LoadedPipeline
     from selma_backend.train import TrainConfig, train_experts
     from selma_backend.train import run as train_run
 
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    pipe = gpu_render.build(arch, toy, device, dtype)
-    res = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    unet_flops, _ = gpu_render.count_flops(pipe, arch, device, dtype)
+    lp, res, unet_flops, sync = _model(arch, toy, device)
     bound = peak * 1e12 / (2 * unet_flops) if peak else None
-    lp = LoadedPipeline(pipe, "sdxl" if arch == "sdxl" else "sd1", "epsilon", f"random-{arch}", "gpu_train.py")
-    sync = (lambda: torch.cuda.synchronize()) if device.startswith("cuda") else (lambda: None)
     rows: list[dict[str, Any]] = []
     first_losses: list[float] | None = None
     with tempfile.TemporaryDirectory(prefix="selma-gpu-levers-") as tmp:

@@ -150,7 +150,6 @@ class _Loop:
         self.pos, self.log = ckpt.Position(), []
         self._epoch: tuple[int, list[list[View]]] | None = None
         self.device = run.pipe.unet.device
-        self.autocast = run.autocast and run.weight_dtype != torch.float32
         self.last_checkpoint: Path | None = None
 
     # -- state ---------------------------------------------------------------------------------
@@ -219,7 +218,7 @@ class _Loop:
         if run.arch == "sdxl":
             extra = {"text_embeds": pooled.to(self.device, run.weight_dtype),
                      "time_ids": add_time_ids([run.samples[i].size for i, _ in local], self.device).to(run.weight_dtype)}
-        with torch.autocast(self.device.type, dtype=run.weight_dtype, enabled=self.autocast):
+        with torch.autocast(self.device.type, dtype=run.weight_dtype, enabled=run.autocast):
             pred = run.pipe.unet(noisy, t, embeds.to(self.device, run.weight_dtype),
                                  added_cond_kwargs=extra).sample
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
