@@ -41,6 +41,8 @@ TE_MOD = "lora_te_text_model_encoder_layers_1_mlp_fc1"  # (37, 32)
 MID_MOD = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q"
 UP_MOD = "lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_attn2_to_out_0"
 
+EPS32 = float(torch.finfo(torch.float32).eps)
+
 
 @pytest.fixture()
 def experts(tmp_path) -> list[Path]:
@@ -102,7 +104,10 @@ def test_svd_file_reaches_the_dense_truncated_svd_optimum(experts, tmp_path, ran
         got = _rel(module_delta(merged, module), t)
         assert abs(got - optimum) <= 1e-5 * optimum, (module, got, optimum)  # tol 1e-5 relative (the issue's)
         layer = next(x for x in report.layers if x.module == module)
-        assert abs(layer.error - got) <= 1e-6 * max(got, 1e-3)  # the reported error is the measured one
+        # the reported error is the measured one, to the resolution of its trace formula: with a float32 eigh
+        # (merge.layer._tail_ok) ||T||^2 is a float32 trace, so err^2 carries ~eps32 and err ~eps32 / (2 err);
+        # observed 2.5e-7 at err 0.22 on an AMD CPU (0.9 eps32 in err^2); tol 8 eps32 in err^2
+        assert abs(layer.error - got) <= 8 * EPS32 / (2 * got), (module, layer.error, got)
         assert merged[module + ".lora_down.weight"].shape[0] == rank
         assert float(merged[module + ".alpha"]) == rank  # scale 1
 
@@ -153,9 +158,10 @@ def test_task_arithmetic_file_matches_reference(experts, tmp_path, method):
                                    _dare_seed(seed, module))
         want = _truncate(dense, rank)
         got = module_delta(merged, module).numpy()
-        # tol 1e-6: the truncation's subspace may come from a float32 eigh (kept only when the tail is large,
-        # see merge.layer._tail_ok); observed ~3e-7. Its error is optimal to far better (checked below).
-        assert np.linalg.norm(got - want) <= 1e-6 * np.linalg.norm(want), (method, module)
+        # tol 1e-5 (the issue's): the truncation's subspace may come from a float32 eigh (kept only when the
+        # tail is large, see merge.layer._tail_ok), so got - want is first order in float32's subspace angle;
+        # observed 3e-7 on an Intel CPU, 1.1e-6 on an AMD one. Its error is optimal to 1e-9 (checked below).
+        assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want), (method, module)
         s_dense = np.linalg.svd(dense, compute_uv=False)
         optimum = np.sqrt((s_dense[rank:] ** 2).sum()) / np.linalg.norm(dense)
         assert abs(np.linalg.norm(got - dense) / np.linalg.norm(dense) - optimum) <= 1e-9 * optimum

@@ -28,11 +28,12 @@ from selma_backend.tiny_models import write_sd1
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+LR = 1e-3
 
 
 def _args(model: Path, data: Path, out: Path, steps: int, *extra: str) -> list[str]:
     return ["train", "--model", str(model), "--data", str(data), "--out", str(out), "--rank", "4", "--alpha", "8",
-            "--steps", str(steps), "--batch-size", "2", "--grad-accum", "2", "--resolution", "64", "--lr", "1e-3",
+            "--steps", str(steps), "--batch-size", "2", "--grad-accum", "2", "--resolution", "64", "--lr", str(LR),
             "--checkpoint-every", "1", "--keep-checkpoints", "2", "--device", "cpu", *extra]
 
 
@@ -102,8 +103,13 @@ def test_two_processes_match_one_with_the_same_global_batch(setup):
     one, _ = load_lora(root / "one" / "spatial.safetensors")
     two, _ = load_lora(root / "two" / "spatial.safetensors")
     assert one.keys() == two.keys()
-    worst = max(float((one[k] - two[k]).abs().max() / (one[k].abs().max() + 1e-12)) for k in one)
-    assert worst < 1e-4, worst  # tolerance: 1e-4 relative (gradient sums in another order)
+    # tolerance: 1e-4 relative (gradient sums in another order), or 2 % of one AdamW step (lr) for factors still
+    # of the order of lr * steps (lora_up starts at zero): AdamW divides each gradient by its own RMS, so the
+    # reordering's rounding in gradients near zero reaches the update at ~1e-3 of lr (observed 0.4 % on an AMD CPU's
+    # BLAS, on one mid-block lora_up; a process that skipped the all-reduce differs by whole steps)
+    excess = {k: float((one[k] - two[k]).abs().max()) / max(1e-4 * float(one[k].abs().max()), 0.02 * LR) for k in one}
+    worst = max(excess, key=excess.get)
+    assert excess[worst] <= 1.0, (worst, excess[worst])
     changed = max(float((one[k] - two[k]).abs().max()) for k in one)
     assert any(float(one[k].abs().sum()) > 0 for k in one if k.endswith("lora_up.weight"))
     losses = [list(csv.DictReader(open(root / d / "spatial.train" / "loss.csv"))) for d in ("one", "two")]
