@@ -140,8 +140,10 @@ class ComfyServer:
             return json.loads(r.read())
 
     def post_json(self, path: str, body: object, timeout: float = 30.0):
+        """The JSON reply, or None for an empty one (``/interrupt`` answers 200 with no body)."""
         with self.request("POST", path, body, timeout=timeout) as r:
-            return json.loads(r.read())
+            data = r.read()
+            return json.loads(data) if data.strip() else None
 
     def queue(self, graph: dict, extra_data: dict | None = None) -> str:
         """POST an API-format graph; return the prompt id, or raise with ComfyUI's validation errors."""
