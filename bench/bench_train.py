@@ -14,9 +14,9 @@ both means, the mean relative step-by-step difference and the largest difference
 
 Precision: each of fp32 (the reference script's default) and bf16 (the script's ``--mixed_precision
 bf16``: VAE, text encoder and UNet in bf16, the UNet under autocast; ours: ``mixed_precision="bf16"``,
-no autocast) is its own side-by-side pair on a fresh copy of the model. The headline is the fp32 pair; ``best_of_each``
-is each method at its faster precision on this machine (which depends on the CPU: bf16 needs
-AVX512-BF16 or AMX to be fast).
+no autocast) is its own side-by-side pair on a fresh copy of the model. The headline is the fp32
+pair; ``best_of_each`` is each method at its faster precision on this machine (which depends on the
+CPU: bf16 needs AVX512-BF16 or AMX to be fast).
 
 FLOPs: ``flop_shares`` counts, on the meta device, one sample's UNet training step and its encoders,
 for this model and for full-size SD 1.5 at 512 px. The encoders' share is what caching saves; at equal
