@@ -287,10 +287,12 @@ def _pair(precision: str, n: int, cfg: TrainConfig, rounds: int, pick, work: Pat
         return losses
 
     arms = [arm_reference, arm_ours, arm_peft]
-    for r in range(rounds):  # the order rotates each round: no arm always runs right after another
-        losses = {arm: arm(r) for arm in arms[r % 3:] + arms[:r % 3]}
+    try:
+        for r in range(rounds):  # the order rotates each round: no arm always runs right after another
+            losses = {arm: arm(r) for arm in arms[r % 3:] + arms[:r % 3]}
+    finally:
+        lp.release()
     ref_losses, our_losses, peft_losses = losses[arm_reference], losses[arm_ours], losses[arm_peft]
-    lp.release()
     samples, steps = cfg.steps * cfg.effective_batch, cfg.steps
     return {"ours": samples / pick(t_ours), "reference": samples / pick(t_ref), "ratio": pick(t_ref) / pick(t_ours),
             "ours_including_cache_fill_and_export": samples / pick(t_total),
@@ -346,11 +348,10 @@ def run(quick: bool = False, threads: int = 2, repeats: int | None = None, tiny:
             "reference_precision": best_ref}
     result = {"ours": pairs[head]["ours"], "reference": pairs[head]["reference"], "unit": "samples/s",
               "ratio": pairs[head]["ratio"], "precision": head, "best_of_each": best, "native_bf16": native_bf16(),
-              "by_precision": pairs, "images": n,
-              "steps": steps, "batch": cfg.batch_size, "resolution": RES, "threads": threads, "rounds": rounds,
-              "statistic": pick.__name__}
-    result["flops"] = {"bench_model": flop_shares(UNET, VAE, TEXT, RES, cfg.rank), "sd15_512px_rank128": flop_shares(
-        SD15["unet"], SD15["vae"], SD15["text"], 512, 128)}
+              "by_precision": pairs, "images": n, "steps": steps, "batch": cfg.batch_size, "resolution": RES,
+              "threads": threads, "rounds": rounds, "statistic": pick.__name__,
+              "flops": {"bench_model": flop_shares(UNET, VAE, TEXT, RES, cfg.rank),
+                        "sd15_512px_rank128": flop_shares(SD15["unet"], SD15["vae"], SD15["text"], 512, 128)}}
     for precision, p in pairs.items():
         print(f"train {precision}  ours {p['ours']:.2f} samples/s  reference {p['reference']:.2f} samples/s  "
               f"ratio {p['ratio']:.2f}x  (with cache fill + export: {p['ours_including_cache_fill_and_export']:.2f}; "
@@ -374,7 +375,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, help="alternating rounds, medians reported")
+    ap.add_argument("--repeats", type=int, help="rounds (arms in rotating order), medians reported")
     ap.add_argument("--precision", choices=[*PRECISIONS, "both"], default="both")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
